@@ -1,0 +1,65 @@
+"""The ``sharpscope`` command line: parsing and printing only; the work is in the API.
+
+Exit codes (DESIGN.md): 0 success; 2 bad usage or bad input, one line on stderr
+and no traceback; 1 an unexpected failure; 130 interrupted by the user.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from .errors import SharpscopeError
+
+# Each subcommand lives in sharpscope/commands/<name>.py with register(subparsers).
+COMMANDS = ("train", "measure", "landscape", "plot", "compare", "demo")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line on stderr and exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> ArgumentParser:
+    from . import __version__
+
+    parser = ArgumentParser(
+        prog="sharpscope",
+        description="Train with SAM or SGD, measure sharpness and Hessian spectra, "
+        "and draw loss landscapes.",
+    )
+    parser.add_argument("--version", action="version", version=f"sharpscope {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=ArgumentParser)
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f".commands.{name}", __package__)
+        except ModuleNotFoundError as exc:
+            if exc.name == f"{__package__}.commands.{name}":
+                continue  # not built yet
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except SharpscopeError as exc:
+        print(f"sharpscope {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"sharpscope {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""Option groups shared by several subcommands, and their resolution."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from typing import Any
+
+import torch
+
+from ..checkpoint import atomic_write
+from ..data import DATASETS, data_spec
+from ..errors import SharpscopeError
+from ..models import ACTIVATIONS
+
+
+def add_data_arguments(parser: argparse.ArgumentParser, default: str | None = "digits") -> None:
+    group = parser.add_argument_group("data")
+    group.add_argument(
+        "--data",
+        default=default,
+        choices=DATASETS,
+        help=f"data set (default: {default or 'the checkpoint’s'})",
+    )
+    group.add_argument("--data-dir", help="folder holding CIFAR data (cifar10 / cifar100)")
+    group.add_argument("--download", action="store_true", help="download CIFAR if missing")
+    group.add_argument(
+        "--train-subset", type=int, metavar="N", help="use N training examples (a fixed subset)"
+    )
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, default: str | None = None) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument(
+        "--model",
+        default=default,
+        help="mlp, cnn, cnn1d, resnet18, wrn, or package.module:factory for your own "
+        "(default: cnn for digits, cnn1d for mnist1d, resnet18 for CIFAR, mlp for synthetic)",
+    )
+    group.add_argument("--width", type=int, help="width (units, channels or WRN widen factor)")
+    group.add_argument("--depth", type=int, help="depth (hidden layers, conv layers or WRN depth)")
+    group.add_argument(
+        "--activation", choices=tuple(ACTIVATIONS), help="activation (mlp, cnn, cnn1d)"
+    )
+
+
+def data_spec_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    return data_spec(
+        args.data, train_subset=args.train_subset, data_dir=args.data_dir, download=args.download
+    )
+
+
+def model_options_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The model options the user gave (None for those left to the architecture)."""
+    return {"width": args.width, "depth": args.depth, "activation": args.activation}
+
+
+def add_device_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N"
+    )
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` → CUDA when available, else CPU; refuse CUDA where there is none."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise SharpscopeError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SharpscopeError("--device cuda asked for, but no CUDA device is available")
+    return device
+
+
+def write_json(path: str, document: dict[str, Any]) -> None:
+    """Atomically write ``document`` as indented JSON."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            json.dump(document, f, indent=2, allow_nan=True)
+            f.write("\n")
+
+    atomic_write(path, write)
+
+
+def check_output_path(path: str) -> None:
+    """Refuse an output path whose folder does not exist, before any work is done."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise SharpscopeError(f"cannot write {path}: folder {folder} does not exist")

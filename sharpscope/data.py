@@ -1,0 +1,302 @@
+"""Data-set registry: every data set is a set of in-memory tensors.
+
+Everything sharpscope trains on fits in memory (the largest, CIFAR, is 600 MB as
+float32), so a data set is four tensors plus a name for its augmentation; batches
+are index slices, which keeps data on the device and makes shuffling reproducible
+from (seed, epoch) alone (what bit-identical resume needs).
+
+Data sets: ``digits`` (scikit-learn, 8x8), ``mnist1d`` (Greydanus 2020, generated
+offline), ``cifar10`` / ``cifar100`` (the python-pickle release, read with a
+restricted unpickler) and ``synthetic`` (a seeded Gaussian mixture).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import pickle
+import shutil
+import tarfile
+import tempfile
+import urllib.request
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import SharpscopeError
+
+DATASETS = ("digits", "mnist1d", "cifar10", "cifar100", "synthetic")
+
+# Per-channel means and standard deviations of the CIFAR training sets, the values
+# used throughout the CIFAR literature (e.g. the SAM and ASAM reference code).
+CIFAR_STATS = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+}
+# The official archives (Krizhevsky 2009) and their MD5 sums.
+CIFAR_ARCHIVES = {
+    "cifar10": (
+        "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+        "c58f30108f718f92721af3b95e74349a",
+        "cifar-10-batches-py",
+    ),
+    "cifar100": (
+        "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+        "eb9058c3a382ffc7106e4002c42a8d85",
+        "cifar-100-python",
+    ),
+}
+
+
+@dataclass
+class Dataset:
+    """A classification data set held as tensors.
+
+    ``train_x`` has shape (n_train, *input_shape), ``train_y`` (n_train,) int64;
+    likewise for test. ``augment`` names the training-time augmentation
+    (None or "crop_flip"). ``spec`` rebuilds it with :func:`load_dataset`.
+    """
+
+    name: str
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    num_classes: int
+    augment: str | None = None
+    spec: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.train_x.shape[1:])
+
+    def split(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (inputs, targets) of split ``name`` ("train" or "test")."""
+        if name == "train":
+            return self.train_x, self.train_y
+        if name == "test":
+            return self.test_x, self.test_y
+        raise SharpscopeError(f"unknown split {name!r}: choose train or test")
+
+    def to(self, device: torch.device | str) -> Dataset:
+        """The same data set with its tensors on ``device``."""
+        return Dataset(
+            self.name,
+            self.train_x.to(device),
+            self.train_y.to(device),
+            self.test_x.to(device),
+            self.test_y.to(device),
+            self.num_classes,
+            self.augment,
+            dict(self.spec),
+        )
+
+
+def data_spec(
+    name: str = "digits",
+    *,
+    train_subset: int | None = None,
+    data_dir: str | None = None,
+    download: bool = False,
+    synthetic: dict[str, int] | None = None,
+) -> dict[str, Any]:
+    """The plain-dict description of a data set, as stored in checkpoints."""
+    spec: dict[str, Any] = {"name": name, "train_subset": train_subset}
+    if name in CIFAR_ARCHIVES:
+        spec["data_dir"] = data_dir
+        spec["download"] = download
+    if name == "synthetic":
+        spec["synthetic"] = dict(SYNTHETIC_DEFAULTS, **(synthetic or {}))
+    return spec
+
+
+def load_dataset(spec: dict[str, Any] | str) -> Dataset:
+    """Build the data set described by ``spec`` (a name or a :func:`data_spec` dict)."""
+    if isinstance(spec, str):
+        spec = data_spec(spec)
+    name = spec.get("name")
+    if name not in DATASETS:
+        raise SharpscopeError(f"unknown data set {name!r}: choose one of {', '.join(DATASETS)}")
+    if name == "digits":
+        ds = _digits()
+    elif name == "mnist1d":
+        ds = _mnist1d()
+    elif name == "synthetic":
+        ds = _synthetic(**dict(SYNTHETIC_DEFAULTS, **(spec.get("synthetic") or {})))
+    else:
+        ds = _cifar(name, spec.get("data_dir"), bool(spec.get("download")))
+    ds.spec = dict(spec)
+    subset = spec.get("train_subset")
+    if subset is not None:
+        ds = _train_subset(ds, int(subset))
+    return ds
+
+
+def _train_subset(ds: Dataset, n: int) -> Dataset:
+    if n <= 0:
+        raise SharpscopeError(f"--train-subset must be positive, got {n}")
+    if n > len(ds.train_y):
+        raise SharpscopeError(f"--train-subset {n} exceeds the {len(ds.train_y)} training examples")
+    # A fixed permutation (seed 0), independent of the training seed, so two runs
+    # with different seeds see the same examples.
+    idx = torch.randperm(len(ds.train_y), generator=torch.Generator().manual_seed(0))[:n]
+    idx = idx.sort().values
+    ds.train_x, ds.train_y = ds.train_x[idx], ds.train_y[idx]
+    return ds
+
+
+def _digits() -> Dataset:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    x = torch.tensor(bunch.data, dtype=torch.float32).reshape(-1, 1, 8, 8) / 16.0
+    y = torch.tensor(bunch.target, dtype=torch.int64)
+    # A fixed 75/25 split (seed 0): 1347 train, 450 test.
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+    n_test = 450
+    test, train = perm[:n_test].sort().values, perm[n_test:].sort().values
+    return Dataset("digits", x[train], y[train], x[test], y[test], 10)
+
+
+def _mnist1d() -> Dataset:
+    """MNIST-1D with the package's default arguments: 4000 train / 1000 test, length 40.
+
+    Generated in memory (``make_dataset`` is deterministic given its seed, 42 by
+    default); nothing is downloaded or written.
+    """
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    d = make_dataset(get_dataset_args())
+    return Dataset(
+        "mnist1d",
+        torch.tensor(d["x"], dtype=torch.float32).unsqueeze(1),
+        torch.tensor(d["y"], dtype=torch.int64),
+        torch.tensor(d["x_test"], dtype=torch.float32).unsqueeze(1),
+        torch.tensor(d["y_test"], dtype=torch.int64),
+        10,
+    )
+
+
+SYNTHETIC_DEFAULTS = {"n_train": 1024, "n_test": 512, "dim": 16, "classes": 4, "seed": 0}
+
+
+def _synthetic(n_train: int, n_test: int, dim: int, classes: int, seed: int) -> Dataset:
+    """A Gaussian mixture: one unit-variance blob per class around random centres."""
+    if min(n_train, n_test, dim, classes) <= 0:
+        raise SharpscopeError("synthetic data needs positive n_train, n_test, dim and classes")
+    g = torch.Generator().manual_seed(seed)
+    centres = 2.0 * torch.randn(classes, dim, generator=g)
+
+    def draw(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        y = torch.randint(classes, (n,), generator=g)
+        return centres[y] + torch.randn(n, dim, generator=g), y
+
+    (xtr, ytr), (xte, yte) = draw(n_train), draw(n_test)
+    return Dataset("synthetic", xtr, ytr, xte, yte, classes)
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles only what the CIFAR batch files contain: dicts, lists, bytes, arrays."""
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a data file")
+
+
+def _read_cifar_batch(path: str) -> dict:
+    with open(path, "rb") as f:
+        try:
+            raw = _ArrayUnpickler(io.BytesIO(f.read()), encoding="bytes").load()
+        except Exception as exc:  # any corruption: a clear message, not a traceback
+            raise SharpscopeError(f"{path}: not a CIFAR batch file ({exc})") from None
+    return {(k.decode() if isinstance(k, bytes) else k): v for k, v in raw.items()}
+
+
+def _cifar(name: str, data_dir: str | None, download: bool) -> Dataset:
+    url, md5, folder = CIFAR_ARCHIVES[name]
+    if not data_dir:
+        raise SharpscopeError(f"{name} needs --data-dir (the folder that holds {folder}/)")
+    root = os.path.join(data_dir, folder)
+    if not os.path.isdir(root):
+        if not download:
+            raise SharpscopeError(
+                f"{root} not found: pass --download to fetch {name}, or point --data-dir at it"
+            )
+        _download_and_extract(url, md5, data_dir)
+    if name == "cifar10":
+        train_files = [f"data_batch_{i}" for i in range(1, 6)]
+        test_files, label_key, classes = ["test_batch"], "labels", 10
+    else:
+        train_files, test_files, label_key, classes = ["train"], ["test"], "fine_labels", 100
+
+    def read(files: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        xs, ys = [], []
+        for fname in files:
+            path = os.path.join(root, fname)
+            if not os.path.isfile(path):
+                raise SharpscopeError(f"{path} missing: the {name} folder is incomplete")
+            batch = _read_cifar_batch(path)
+            xs.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+            ys.append(np.asarray(batch[label_key], dtype=np.int64))
+        x = torch.from_numpy(np.concatenate(xs)).float().div_(255.0)
+        mean, std = (torch.tensor(s).view(1, 3, 1, 1) for s in CIFAR_STATS[name])
+        return (x - mean) / std, torch.from_numpy(np.concatenate(ys))
+
+    (xtr, ytr), (xte, yte) = read(train_files), read(test_files)
+    return Dataset(name, xtr, ytr, xte, yte, classes, augment="crop_flip")
+
+
+def _download_and_extract(url: str, md5: str, data_dir: str) -> None:
+    os.makedirs(data_dir, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=data_dir, suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as resp:
+            shutil.copyfileobj(resp, out)
+        digest = hashlib.md5(open(tmp, "rb").read()).hexdigest()
+        if digest != md5:
+            raise SharpscopeError(f"download of {url} is corrupt (md5 {digest}, expected {md5})")
+        with tarfile.open(tmp) as tar:
+            tar.extractall(data_dir, filter="data")
+    except OSError as exc:
+        raise SharpscopeError(f"could not download {url}: {exc}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def augment_batch(x: torch.Tensor, kind: str | None, generator: torch.Generator) -> torch.Tensor:
+    """Apply training augmentation ``kind`` to a batch (n, C, H, W).
+
+    "crop_flip": zero-pad 4 pixels, take a random HxW crop, flip left-right with
+    probability 1/2 (the standard CIFAR augmentation, He et al. 2016, Sec. 4.2).
+    Random numbers come from the CPU ``generator`` so runs reproduce on any device.
+    """
+    if kind is None:
+        return x
+    if kind != "crop_flip":
+        raise ValueError(f"unknown augmentation {kind!r}")
+    n, c, h, w = x.shape
+    pad = 4
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(x.device)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(x.device)
+    flip = (torch.rand(n, generator=generator) < 0.5).to(x.device)
+    rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
+    cols = dx[:, None] + torch.arange(w, device=x.device)
+    cols = torch.where(flip[:, None], cols.flip(-1), cols)[:, None, None, :]
+    batch = torch.arange(n, device=x.device)[:, None, None, None]
+    chan = torch.arange(c, device=x.device)[None, :, None, None]
+    return padded[batch, chan, rows, cols]

@@ -1,0 +1,276 @@
+"""The objective: L(w), its gradient and Hessian-vector products over fixed data.
+
+Every analyzer in sharpscope is a function of one scalar function of the weights
+(DESIGN.md, "The one idea")::
+
+    L(w) = sum over batches b of (n_b / n) * mean loss of batch b at weights w
+
+with ``w`` a flat 1-D vector over the selected parameters. The model is evaluated
+in eval mode (BatchNorm uses its running statistics, dropout is off) through
+``torch.func.functional_call``, so the user's module is never written to: its
+parameters, buffers and train/eval flags are the same after every call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from .errors import SharpscopeError
+from .losses import LossFn, correct_count, cross_entropy
+
+_NORM_TYPES = (
+    nn.modules.batchnorm._NormBase,
+    nn.GroupNorm,
+    nn.LayerNorm,
+    nn.LocalResponseNorm,
+)
+
+ParamFilter = str | Callable[[str, nn.Parameter], bool]
+PARAM_FILTERS = ("all", "weights")
+
+
+def select_parameters(model: nn.Module, param_filter: ParamFilter = "all") -> list[str]:
+    """Names of the trainable parameters that ``param_filter`` counts.
+
+    "all": every parameter with ``requires_grad``. "weights": leaves out biases,
+    every other 1-D parameter, and the parameters of normalization layers (the
+    usual exclusion in sharpness studies, e.g. Andriushchenko et al. 2023, Sec. 4).
+    A callable ``(name, parameter) -> bool`` selects by hand.
+    """
+    norm_params = {
+        f"{mname}.{pname}" if mname else pname
+        for mname, module in model.named_modules()
+        if isinstance(module, _NORM_TYPES)
+        for pname, _ in module.named_parameters(recurse=False)
+    }
+    names = []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if param_filter == "all":
+            keep = True
+        elif param_filter == "weights":
+            keep = p.dim() > 1 and name not in norm_params
+        elif callable(param_filter):
+            keep = bool(param_filter(name, p))
+        else:
+            choices = ", ".join(PARAM_FILTERS)
+            raise SharpscopeError(
+                f"unknown parameter filter {param_filter!r}: choose one of {choices}"
+            )
+        if keep:
+            names.append(name)
+    if not names:
+        raise SharpscopeError(f"parameter filter {param_filter!r} selects no parameters")
+    return names
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where each selected parameter lives in the flat vector."""
+
+    names: tuple[str, ...]
+    shapes: tuple[torch.Size, ...]
+    offsets: tuple[int, ...]
+    numel: int
+
+    @classmethod
+    def of(cls, model: nn.Module, names: list[str]) -> Layout:
+        params = dict(model.named_parameters())
+        shapes = tuple(params[n].shape for n in names)
+        offsets, total = [], 0
+        for s in shapes:
+            offsets.append(total)
+            total += s.numel()
+        return cls(tuple(names), shapes, tuple(offsets), total)
+
+    def unflatten(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Views of flat ``w`` (shape (numel,)) with each parameter's shape."""
+        return {
+            n: w[o : o + s.numel()].view(s)
+            for n, s, o in zip(self.names, self.shapes, self.offsets, strict=True)
+        }
+
+    def flatten(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Concatenate ``tensors[name]`` for the names in the layout into one vector."""
+        return torch.cat([tensors[n].reshape(-1) for n in self.names])
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Put every submodule in eval mode; restore each one's own flag afterwards."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+@contextlib.contextmanager
+def exact_float32() -> Iterator[None]:
+    """Disable TF32 on CUDA for the duration: curvature and small-rho sharpness
+    differences are far below TF32's 10-bit mantissa (ALGORITHMS.md, pitfalls)."""
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+Batches = tuple[torch.Tensor, torch.Tensor] | Iterable[tuple[torch.Tensor, torch.Tensor]]
+
+
+class Objective:
+    """L(w) of ``model`` on fixed ``data`` under ``loss_fn``, over selected parameters.
+
+    Args:
+        model: any ``nn.Module``; never modified.
+        data: an ``(inputs, targets)`` pair of tensors (split into batches of
+            ``batch_size``) or an iterable of such batches (used as given).
+        loss_fn: ``(outputs, targets) -> mean loss``; cross-entropy by default.
+        param_filter: which parameters make up ``w`` (see :func:`select_parameters`);
+            the others stay fixed at their current values.
+        batch_size: examples per forward pass when ``data`` is a pair; default 512.
+        device: where computation runs; default the model's device. Data is moved
+            there once, at construction.
+        accumulate_dtype: dtype in which batch contributions are summed and vectors
+            returned (e.g. ``torch.float64`` for small-rho sharpness); default the
+            parameters' dtype.
+
+    ``value``, ``value_and_grad``, ``hvp`` and ``evaluate`` take ``w`` (a flat
+    vector; ``None`` means the model's own weights :attr:`w0`).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        data: Batches,
+        loss_fn: LossFn | None = None,
+        *,
+        param_filter: ParamFilter = "all",
+        batch_size: int | None = None,
+        device: torch.device | str | None = None,
+        accumulate_dtype: torch.dtype | None = None,
+    ):
+        self.model = model
+        self.loss_fn = loss_fn if loss_fn is not None else cross_entropy
+        self.param_filter = param_filter if isinstance(param_filter, str) else "custom"
+        names = select_parameters(model, param_filter)
+        self.layout = Layout.of(model, names)
+        params = dict(model.named_parameters())
+        first = params[names[0]]
+        self.device = torch.device(device) if device is not None else first.device
+        self.dtype = first.dtype
+        self.accumulate_dtype = accumulate_dtype or self.dtype
+        # Fixed state: parameters outside the filter, and buffers (BN running stats).
+        self._fixed = {n: p.detach().to(self.device) for n, p in params.items() if n not in names}
+        self._fixed.update({n: b.to(self.device) for n, b in model.named_buffers()})
+        self.w0 = self.layout.flatten({n: params[n].detach() for n in names}).to(self.device)
+        self.batches = _to_batches(data, batch_size or 512, self.device)
+        self.n_examples = sum(len(y) for _, y in self.batches)
+        if self.n_examples == 0:
+            raise SharpscopeError("the data set is empty: no examples to evaluate the loss on")
+        self.hvp_count = 0
+        self.grad_count = 0
+
+    @property
+    def numel(self) -> int:
+        """Number of entries of ``w``."""
+        return self.layout.numel
+
+    def state(self, w: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """The full parameter-and-buffer dict for ``functional_call`` at ``w``."""
+        return {**self._fixed, **self.layout.unflatten(self.w0 if w is None else w)}
+
+    def forward(self, w: torch.Tensor | None, inputs: torch.Tensor) -> torch.Tensor:
+        """Model outputs at weights ``w`` (eval mode), without touching the module."""
+        with eval_mode(self.model):
+            return functional_call(self.model, self.state(w), (inputs,))
+
+    def _weights(self, y: torch.Tensor) -> float:
+        return len(y) / self.n_examples
+
+    def value(self, w: torch.Tensor | None = None) -> float:
+        """L(w) as a Python float."""
+        return self.evaluate(w)["loss"]
+
+    def evaluate(self, w: torch.Tensor | None = None) -> dict[str, float]:
+        """``{"loss": L(w), "accuracy": fraction of arg-max hits}``."""
+        total = torch.zeros((), dtype=self.accumulate_dtype, device=self.device)
+        correct = torch.zeros((), dtype=torch.int64, device=self.device)
+        with torch.no_grad(), exact_float32():
+            for x, y in self.batches:
+                out = self.forward(w, x)
+                total += self.loss_fn(out, y).to(self.accumulate_dtype) * self._weights(y)
+                correct += correct_count(out, y)
+        return {"loss": total.item(), "accuracy": correct.item() / self.n_examples}
+
+    def value_and_grad(self, w: torch.Tensor | None = None) -> tuple[float, torch.Tensor]:
+        """(L(w), grad L(w)); the gradient is a flat vector in ``accumulate_dtype``."""
+        w = (self.w0 if w is None else w).detach().requires_grad_(True)
+        total = torch.zeros((), dtype=self.accumulate_dtype, device=self.device)
+        grad = torch.zeros(self.numel, dtype=self.accumulate_dtype, device=self.device)
+        with exact_float32():
+            for x, y in self.batches:
+                loss = self.loss_fn(self.forward(w, x), y) * self._weights(y)
+                (g,) = torch.autograd.grad(loss, w)
+                total += loss.detach().to(self.accumulate_dtype)
+                grad += g.to(self.accumulate_dtype)
+        self.grad_count += 1
+        return total.item(), grad
+
+    def grad(self, w: torch.Tensor | None = None) -> torch.Tensor:
+        """grad L(w) as a flat vector."""
+        return self.value_and_grad(w)[1]
+
+    def hvp(self, v: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
+        """Hessian-vector product H(w) v by exact double backward.
+
+        Built with ``torch.autograd.grad(..., create_graph=True)`` rather than
+        ``backward(create_graph=True)``, which leaks through a reference cycle
+        (PyHessian issues 25 and 28). ``v`` has shape (numel,).
+        """
+        if v.shape != (self.numel,):
+            raise ValueError(f"v must have shape ({self.numel},), got {tuple(v.shape)}")
+        w = (self.w0 if w is None else w).detach().requires_grad_(True)
+        v = v.to(device=self.device, dtype=self.dtype)
+        out = torch.zeros(self.numel, dtype=self.accumulate_dtype, device=self.device)
+        with exact_float32():
+            for x, y in self.batches:
+                loss = self.loss_fn(self.forward(w, x), y) * self._weights(y)
+                (g,) = torch.autograd.grad(loss, w, create_graph=True)
+                (hv,) = torch.autograd.grad(g, w, grad_outputs=v)
+                out += hv.to(self.accumulate_dtype)
+        self.hvp_count += 1
+        return out
+
+    def check_finite(self, w: torch.Tensor | None = None) -> float:
+        """L(w), raising :class:`SharpscopeError` if it is NaN or infinite."""
+        value = self.value(w)
+        if not torch.isfinite(torch.tensor(value)):
+            raise SharpscopeError(f"the loss at the given weights is {value}: nothing to measure")
+        return value
+
+
+def _to_batches(data: Batches, batch_size: int, device: torch.device) -> list:
+    if batch_size <= 0:
+        raise SharpscopeError(f"batch size must be positive, got {batch_size}")
+    if isinstance(data, tuple) and len(data) == 2 and isinstance(data[0], torch.Tensor):
+        x, y = data
+        if len(x) != len(y):
+            raise SharpscopeError(f"{len(x)} inputs but {len(y)} targets")
+        x, y = x.to(device), y.to(device)
+        return [
+            (x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, len(y), batch_size)
+        ]
+    return [(x.to(device), y.to(device)) for x, y in data]
