@@ -81,6 +81,24 @@ class Dataset:
             return self.test_x, self.test_y
         raise SharpscopeError(f"unknown split {name!r}: choose train or test")
 
+    def examples(
+        self, split: str = "train", n: int | None = None, seed: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A fixed set of ``n`` examples of ``split`` (all when ``n`` is None or larger).
+
+        The subset is the first ``n`` of a permutation drawn from ``seed``, so the
+        same (split, n, seed) always gives the same examples: measurements and
+        landscapes of different checkpoints are taken on identical data.
+        """
+        x, y = self.split(split)
+        if n is not None and n <= 0:
+            raise SharpscopeError(f"number of examples must be positive, got {n}")
+        if n is None or n >= len(y):
+            return x, y
+        idx = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))[:n]
+        idx = idx.sort().values.to(y.device)
+        return x[idx], y[idx]
+
     def to(self, device: torch.device | str) -> Dataset:
         """The same data set with its tensors on ``device``."""
         return Dataset(

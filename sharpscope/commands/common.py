@@ -45,6 +45,27 @@ def add_model_arguments(parser: argparse.ArgumentParser, default: str | None = N
     )
 
 
+def add_evaluation_arguments(parser: argparse.ArgumentParser, samples: int | None = 1024) -> None:
+    """Which examples an analysis evaluates L(w) on."""
+    group = parser.add_argument_group("evaluation data")
+    group.add_argument(
+        "--split",
+        default="train",
+        choices=("train", "test"),
+        help="split to evaluate on (default: train)",
+    )
+    group.add_argument(
+        "--samples",
+        type=int,
+        default=samples,
+        metavar="N",
+        help=f"number of examples, a fixed seeded subset (default: {samples}, or all if fewer)",
+    )
+    group.add_argument(
+        "--batch-size", type=int, default=512, help="examples per forward pass (default: 512)"
+    )
+
+
 def data_spec_from_args(args: argparse.Namespace) -> dict[str, Any]:
     return data_spec(
         args.data, train_subset=args.train_subset, data_dir=args.data_dir, download=args.download
