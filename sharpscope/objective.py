@@ -274,3 +274,23 @@ def _to_batches(data: Batches, batch_size: int, device: torch.device) -> list:
             (x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, len(y), batch_size)
         ]
     return [(x.to(device), y.to(device)) for x, y in data]
+
+
+def make_objective(
+    model: nn.Module | Objective,
+    data: Batches | None = None,
+    loss_fn: LossFn | None = None,
+    **options,
+) -> Objective:
+    """An :class:`Objective` from ``(model, data)``, or ``model`` itself if it is one.
+
+    The analyzers accept either form; ``options`` are :class:`Objective`'s keywords.
+    """
+    if isinstance(model, Objective):
+        if data is not None or loss_fn is not None or any(v is not None for v in options.values()):
+            raise ValueError("pass data, loss_fn and options when building the Objective, not here")
+        return model
+    if data is None:
+        raise SharpscopeError("no data given: pass (inputs, targets) or an iterable of batches")
+    options = {k: v for k, v in options.items() if v is not None}
+    return Objective(model, data, loss_fn, **options)
