@@ -77,13 +77,12 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+        if "GLOBAL" in str(exc) or "nsupported global" in str(exc):
             raise SharpscopeError(
                 f"{path}: refusing to load, it needs arbitrary unpickling "
                 "(only plain tensors and values load safely; re-save its state_dict)"
             ) from None
-        raise SharpscopeError(f"{path}: not a readable checkpoint ({first})") from None
+        raise SharpscopeError(f"{path}: not a readable checkpoint (corrupt pickle data)") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise SharpscopeError(f"{path}: not a readable checkpoint ({first})") from None

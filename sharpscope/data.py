@@ -226,6 +226,7 @@ class _ArrayUnpickler(pickle.Unpickler):
         ("numpy", "dtype"),
         ("numpy.core.multiarray", "scalar"),
         ("numpy._core.multiarray", "scalar"),
+        ("_codecs", "encode"),  # how protocol-2 pickles written by Python 3 store bytes
     }
 
     def find_class(self, module: str, name: str) -> Any:
@@ -237,7 +238,7 @@ class _ArrayUnpickler(pickle.Unpickler):
 def _read_cifar_batch(path: str) -> dict:
     with open(path, "rb") as f:
         try:
-            raw = _ArrayUnpickler(io.BytesIO(f.read()), encoding="bytes").load()
+            raw = _ArrayUnpickler(io.BytesIO(f.read()), encoding="latin1").load()
         except Exception as exc:  # any corruption: a clear message, not a traceback
             raise SharpscopeError(f"{path}: not a CIFAR batch file ({exc})") from None
     return {(k.decode() if isinstance(k, bytes) else k): v for k, v in raw.items()}
