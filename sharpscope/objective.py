@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.func import functional_call
 
@@ -146,6 +147,11 @@ class Objective:
         accumulate_dtype: dtype in which batch contributions are summed and vectors
             returned (e.g. ``torch.float64`` for small-rho sharpness); default the
             parameters' dtype.
+        distributed: shard the data over the processes of the default
+            ``torch.distributed`` group and all-reduce every sum, so that each rank
+            gets the full-data L, gradient and HVP (same numbers as one process up to
+            summation order). Default: on when a process group is initialized (e.g.
+            under ``torchrun``). Every rank must make the same calls.
 
     ``value``, ``value_and_grad``, ``hvp`` and ``evaluate`` take ``w`` (a flat
     vector; ``None`` means the model's own weights :attr:`w0`).
@@ -161,6 +167,7 @@ class Objective:
         batch_size: int | None = None,
         device: torch.device | str | None = None,
         accumulate_dtype: torch.dtype | None = None,
+        distributed: bool | None = None,
     ):
         self.model = model
         self.loss_fn = loss_fn if loss_fn is not None else cross_entropy
@@ -176,8 +183,14 @@ class Objective:
         self._fixed = {n: p.detach().to(self.device) for n, p in params.items() if n not in names}
         self._fixed.update({n: b.to(self.device) for n, b in model.named_buffers()})
         self.w0 = self.layout.flatten({n: params[n].detach() for n in names}).to(self.device)
+        if distributed is None:
+            distributed = dist.is_available() and dist.is_initialized()
+        self.distributed = bool(distributed) and dist.get_world_size() > 1
         self.batches = _to_batches(data, batch_size or 512, self.device)
-        self.n_examples = sum(len(y) for _, y in self.batches)
+        if self.distributed:
+            rank, world = dist.get_rank(), dist.get_world_size()
+            self.batches = _shard(self.batches, rank, world)
+        self.n_examples = int(self._sum(torch.tensor(sum(len(y) for _, y in self.batches))))
         if self.n_examples == 0:
             raise SharpscopeError("the data set is empty: no examples to evaluate the loss on")
         self.hvp_count = 0
@@ -213,6 +226,7 @@ class Objective:
                 out = self.forward(w, x)
                 total += self.loss_fn(out, y).to(self.accumulate_dtype) * self._weights(y)
                 correct += correct_count(out, y)
+        total, correct = self._sum(total), self._sum(correct)
         return {"loss": total.item(), "accuracy": correct.item() / self.n_examples}
 
     def value_and_grad(self, w: torch.Tensor | None = None) -> tuple[float, torch.Tensor]:
@@ -227,7 +241,7 @@ class Objective:
                 total += loss.detach().to(self.accumulate_dtype)
                 grad += g.to(self.accumulate_dtype)
         self.grad_count += 1
-        return total.item(), grad
+        return self._sum(total).item(), self._sum(grad)
 
     def grad(self, w: torch.Tensor | None = None) -> torch.Tensor:
         """grad L(w) as a flat vector."""
@@ -252,7 +266,14 @@ class Objective:
                 (hv,) = torch.autograd.grad(g, w, grad_outputs=v)
                 out += hv.to(self.accumulate_dtype)
         self.hvp_count += 1
-        return out
+        return self._sum(out)
+
+    def _sum(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` summed over the ranks (itself when not distributed)."""
+        if self.distributed:
+            t = t.to(self.device)
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t
 
     def check_finite(self, w: torch.Tensor | None = None) -> float:
         """L(w), raising :class:`SharpscopeError` if it is NaN or infinite."""
@@ -260,6 +281,20 @@ class Objective:
         if not torch.isfinite(torch.tensor(value)):
             raise SharpscopeError(f"the loss at the given weights is {value}: nothing to measure")
         return value
+
+
+def _shard(batches: list, rank: int, world: int) -> list:
+    """This rank's share of the examples: a contiguous range of the concatenated
+    batches, cut at batch boundaries, so shards differ in size by at most one."""
+    total = sum(len(y) for _, y in batches)
+    lo, hi = total * rank // world, total * (rank + 1) // world
+    shards, start = [], 0
+    for x, y in batches:
+        a, b = max(lo - start, 0), min(hi - start, len(y))
+        if b > a:
+            shards.append((x[a:b], y[a:b]))
+        start += len(y)
+    return shards
 
 
 def _to_batches(data: Batches, batch_size: int, device: torch.device) -> list:
