@@ -9,10 +9,18 @@ from .data import Dataset, load_dataset
 from .errors import SharpscopeError
 from .models import build_model, model_spec
 from .objective import Objective
+from .sam import GSAM, SAM, bn_running_stats_frozen, rho_from_lr
+from .train import TrainConfig, train
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "GSAM",
+    "SAM",
+    "TrainConfig",
+    "bn_running_stats_frozen",
+    "rho_from_lr",
+    "train",
     "Dataset",
     "Objective",
     "SharpscopeError",

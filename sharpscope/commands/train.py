@@ -1,0 +1,265 @@
+"""``sharpscope train``: SGD / SAM / ASAM / GSAM training into a run folder."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from typing import Any
+
+from ..errors import SharpscopeError
+from ..losses import LOSSES
+from ..train import (
+    AMP_MODES,
+    DEFAULT_EPOCHS,
+    OPTIMIZERS,
+    SCHEDULES,
+    WEIGHT_DECAY_MODES,
+    TrainConfig,
+    load_run_config,
+    train,
+)
+from .common import add_data_arguments, add_device_argument, add_model_arguments
+
+_DEFAULTS = TrainConfig()
+# Options that may accompany --resume: they change where and how loudly, not what.
+_RESUME_OPTIONS = {"out", "resume", "overwrite", "quiet", "device", "func", "command"}
+
+DESCRIPTION = """\
+Train a model with SGD, SAM (Foret et al. 2021), ASAM (--adaptive, Kwon et al. 2021) or
+GSAM (Zhuang et al. 2022) and write a run folder: config.json, metrics.jsonl (one JSON
+object per line), checkpoint.pt (final; `sharpscope measure` reads it), resume.pt
+(continue with --resume, bit-identical on the CPU) and, with --save-every,
+trajectory/step_NNNNNNN.pt. With no options: a small CNN with SAM on scikit-learn's
+digits, about 98% test accuracy in seconds on a CPU."""
+
+
+def _batch_size(text: str) -> int | str:
+    if text == "full":
+        return "full"
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a positive integer or 'full', got {text!r}"
+        ) from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
+def _p_norm(text: str) -> float | str:
+    if text.lower() in ("inf", "infinity"):
+        return "inf"
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 1 or 'inf', got {text!r}") from None
+    if not value >= 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1 (or inf), got {text}")
+    return value
+
+
+def register(subparsers: Any) -> None:
+    d = _DEFAULTS
+    p = subparsers.add_parser(
+        "train",
+        help="train with SGD / SAM / ASAM / GSAM into a run folder",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_data_arguments(p)
+    add_model_arguments(p)
+
+    g = p.add_argument_group("optimizer")
+    g.add_argument(
+        "--optimizer", default=d.optimizer, choices=OPTIMIZERS, help="(default: %(default)s)"
+    )
+    g.add_argument(
+        "--rho",
+        type=float,
+        default=d.rho,
+        help="SAM radius (default: %(default)s, Foret et al. 2021); 0 reproduces SGD",
+    )
+    g.add_argument(
+        "--sam-p",
+        type=_p_norm,
+        default=d.sam_p,
+        metavar="P",
+        help="norm of the SAM ball: 2, inf or any p >= 1 (default: 2)",
+    )
+    g.add_argument("--adaptive", action="store_true", help="ASAM: perturb relative to |w| + eta")
+    g.add_argument("--eta", type=float, default=d.eta, help="ASAM offset (default: %(default)s)")
+    g.add_argument(
+        "--m",
+        type=int,
+        metavar="M",
+        help="m-sharpness: each micro-batch of M examples gets its own perturbation "
+        "(default: the whole batch)",
+    )
+    g.add_argument(
+        "--sam-interval",
+        type=int,
+        default=d.sam_interval,
+        metavar="K",
+        help="a SAM step every K steps, plain steps between (default: %(default)s)",
+    )
+    g.add_argument(
+        "--gsam-alpha",
+        type=float,
+        default=d.gsam_alpha,
+        help="GSAM: weight of the orthogonal gradient (default: %(default)s)",
+    )
+    g.add_argument(
+        "--gsam-rho-min",
+        type=float,
+        help="GSAM: rho at the lowest lr, rho scheduled with the lr (default: constant rho)",
+    )
+    g.add_argument("--lr", type=float, default=d.lr, help="learning rate (default: %(default)s)")
+    g.add_argument(
+        "--momentum", type=float, default=d.momentum, help="SGD momentum (default: %(default)s)"
+    )
+    g.add_argument("--nesterov", action="store_true", help="Nesterov momentum")
+    g.add_argument(
+        "--weight-decay",
+        type=float,
+        default=d.weight_decay,
+        help="L2 weight decay (default: %(default)s)",
+    )
+    g.add_argument(
+        "--weight-decay-mode",
+        default=d.weight_decay_mode,
+        choices=WEIGHT_DECAY_MODES,
+        help="in the base optimizer at w (PyTorch ports), or in the loss so that it enters "
+        "eps (official JAX code) (default: %(default)s)",
+    )
+    g.add_argument(
+        "--label-smoothing",
+        type=float,
+        default=d.label_smoothing,
+        help="(ce loss; default: %(default)s)",
+    )
+    g.add_argument(
+        "--schedule",
+        default=d.schedule,
+        choices=SCHEDULES,
+        help="learning-rate schedule; step: x0.2 at 30/60/80%% (default: %(default)s)",
+    )
+    g.add_argument(
+        "--warmup", type=int, default=d.warmup, metavar="STEPS", help="linear warmup steps"
+    )
+    g.add_argument(
+        "--grad-clip",
+        type=float,
+        metavar="NORM",
+        help="clip the l2 norm of the gradient (the one at w + eps) to NORM",
+    )
+
+    g = p.add_argument_group("training")
+    length = g.add_mutually_exclusive_group()
+    length.add_argument(
+        "--epochs", type=int, help=f"epochs (default: {DEFAULT_EPOCHS} unless --steps)"
+    )
+    length.add_argument("--steps", type=int, help="optimization steps instead of epochs")
+    g.add_argument(
+        "--batch-size",
+        type=_batch_size,
+        default=d.batch_size,
+        help="examples per step, or 'full' for full-batch gradient descent (default: "
+        "%(default)s; the last partial batch of an epoch is dropped)",
+    )
+    g.add_argument("--loss", default=d.loss, choices=LOSSES, help="(default: %(default)s)")
+    g.add_argument("--seed", type=int, default=d.seed, help="(default: %(default)s)")
+    add_device_argument(g)
+    g.add_argument(
+        "--amp",
+        default=d.amp,
+        choices=AMP_MODES,
+        help="mixed precision (CUDA): bf16 autocast, or fp16 with a GradScaler "
+        "(default: %(default)s)",
+    )
+    g.add_argument(
+        "--eval-every", type=int, default=d.eval_every, metavar="N", help="test every N epochs"
+    )
+    g.add_argument(
+        "--eval-batch-size",
+        type=int,
+        default=d.eval_batch_size,
+        help="(default: %(default)s)",
+    )
+
+    g = p.add_argument_group("tracking")
+    g.add_argument(
+        "--track-every",
+        type=int,
+        metavar="N",
+        help="every N steps log the top Hessian eigenvalue to metrics.jsonl",
+    )
+    g.add_argument(
+        "--track-sharpness",
+        action="store_true",
+        help="with --track-every: also worst-case l2 sharpness at --rho",
+    )
+    g.add_argument(
+        "--track-samples",
+        type=int,
+        default=d.track_samples,
+        metavar="N",
+        help="training examples tracked (a fixed subset; default: %(default)s)",
+    )
+
+    g = p.add_argument_group("output")
+    g.add_argument("--out", help="run folder (default: runs/DATA-MODEL-OPTIMIZER)")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out from resume.pt")
+    g.add_argument("--overwrite", action="store_true", help="replace the run in --out")
+    g.add_argument(
+        "--save-every",
+        type=int,
+        metavar="N",
+        help="keep a checkpoint every N steps in OUT/trajectory (with step 0 and the last)",
+    )
+    g.add_argument(
+        "--checkpoint-every",
+        type=int,
+        metavar="N",
+        help="write resume.pt every N steps (default: every epoch, at most every 10 s)",
+    )
+    g.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    p.set_defaults(func=run, _parser=p)
+
+
+def _default_out(args: argparse.Namespace) -> str:
+    from ..models import DEFAULT_MODEL
+
+    model = args.model or DEFAULT_MODEL.get(args.data, "model")
+    model = model.replace(":", "-").replace("/", "-")
+    return os.path.join("runs", f"{args.data}-{model}-{args.optimizer}")
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The :class:`TrainConfig` the command-line options describe."""
+    names = [f.name for f in dataclasses.fields(TrainConfig)]
+    return TrainConfig(**{n: getattr(args, n) for n in names})
+
+
+def run(args: argparse.Namespace) -> int:
+    out = args.out or _default_out(args)
+    if args.resume:
+        parser = args._parser
+        given = [
+            name
+            for name, value in vars(args).items()
+            if name not in _RESUME_OPTIONS
+            and not name.startswith("_")
+            and value != parser.get_default(name)
+        ]
+        if given:
+            flags = ", ".join("--" + n.replace("_", "-") for n in sorted(given))
+            raise SharpscopeError(f"--resume continues the saved configuration; drop {flags}")
+        config = load_run_config(out)
+        if args.device != "auto":
+            config = dataclasses.replace(config, device=args.device)
+    else:
+        config = config_from_args(args)
+    train(config, out, resume=args.resume, overwrite=args.overwrite, quiet=args.quiet)
+    return 0
