@@ -66,7 +66,9 @@ def test_power_iteration_matches_dense_top2(tiny_mlp, tiny_data):
     result = hessian_eigenvalues(obj, k=2, method="power", tol=1e-5, max_iter=20000)
     np.testing.assert_allclose(result.eigenvalues, exact[:2].numpy(), rtol=1e-4)
     assert result.converged
-    assert all(r <= 1e-5 * abs(v) for r, v in zip(result.residuals, result.eigenvalues))
+    assert all(
+        r <= 1e-5 * abs(v) for r, v in zip(result.residuals, result.eigenvalues, strict=True)
+    )
 
 
 def test_power_iteration_with_close_top_two_stops_on_the_residual():
@@ -76,7 +78,7 @@ def test_power_iteration_with_close_top_two_stops_on_the_residual():
     result = power_iteration(lambda v: A @ v, 5, 2, tol=1e-8, max_iter=200_000)
     assert result.converged
     np.testing.assert_allclose(result.eigenvalues.numpy(), [1.0, 0.999], rtol=1e-7)
-    for lam, v in zip(result.eigenvalues, result.eigenvectors):
+    for lam, v in zip(result.eigenvalues, result.eigenvectors, strict=True):
         assert torch.linalg.vector_norm(A @ v - lam * v) <= 1e-7
 
 
