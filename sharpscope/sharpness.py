@@ -1,0 +1,380 @@
+"""Worst-case and average-case sharpness of L at w.
+
+Worst case (the SAM sharpness term, Foret et al. 2021, eq. 1)::
+
+    S_max(w) = max_{||eps / c||_p <= rho} L(w + eps) - L(w)
+
+found by projected gradient ascent in the style of APGD (Croce & Hein 2020, Alg. 1),
+as Andriushchenko et al. (2023, Sec. 3) use it for weights. The ascent runs in the
+normalized coordinates u = eps / c, where c = |w| + eta elementwise for adaptive
+(reparametrization-aware) sharpness and c = 1 otherwise, so the feasible set is a plain
+l2 ball or linf box and the projection is a rescale or a clamp.
+
+An ascent finds a point inside the ball, so the value returned is a real
+L(w + eps) - L(w) of the eps it reports: a lower bound of the maximum, never more.
+
+Average case: E_eps[L(w + eps)] - L(w) with eps ~ N(0, rho^2 diag(c^2)) (l2) or
+eps ~ U[-rho c, rho c] (linf), by Monte Carlo with a standard error.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .errors import SharpscopeError
+from .objective import Objective, make_objective
+
+NORMS = ("l2", "linf")
+# APGD constants (Croce & Hein 2020, Sec. 3.2): momentum 0.75, the success fraction 0.75
+# below which the step halves, and the checkpoint schedule p_0 = 0, p_1 = 0.22,
+# p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06).
+MOMENTUM = 0.75
+SUCCESS_FRACTION = 0.75
+
+
+def apgd_checkpoints(steps: int) -> list[int]:
+    """The iterations ceil(p_j N) at which APGD may halve its step (Croce & Hein 2020)."""
+    p = [0.0, 0.22]
+    while p[-1] < 1:
+        p.append(p[-1] + max(p[-1] - p[-2] - 0.03, 0.06))
+    return sorted({math.ceil(round(pj * steps, 9)) for pj in p if 0 < pj <= 1})
+
+
+@dataclass(frozen=True)
+class SharpnessResult:
+    """max_{||eps/c||_p <= rho} L(w + eps) - L(w), found by APGD, with its settings.
+
+    ``value = perturbed_loss - loss`` where ``perturbed_loss`` is L at the returned
+    perturbation (re-evaluated); ``per_batch`` holds each batch's value for m-sharpness.
+    ``perturbation`` (eps in the objective's flat layout) only when asked for, and only
+    without m.
+    """
+
+    value: float
+    loss: float
+    perturbed_loss: float
+    rho: float
+    norm: str
+    adaptive: bool
+    eta: float
+    steps: int
+    restarts: int
+    m: int | None
+    seed: int
+    n_examples: int
+    n_params: int
+    param_filter: str
+    grad_count: int
+    eps_norm: float
+    per_batch: tuple[float, ...] | None = None
+    perturbation: torch.Tensor | None = field(default=None, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {k: v for k, v in self.__dict__.items() if k != "perturbation"}
+        out["per_batch"] = list(self.per_batch) if self.per_batch is not None else None
+        return out
+
+
+@dataclass(frozen=True)
+class AverageSharpnessResult:
+    """E[L(w + eps)] - L(w) by Monte Carlo, with the standard error of the mean."""
+
+    value: float
+    stderr: float
+    loss: float
+    rho: float
+    norm: str
+    adaptive: bool
+    eta: float
+    samples: int
+    seed: int
+    n_examples: int
+    n_params: int
+    param_filter: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def _check(rho: float, norm: str, steps: int = 1, restarts: int = 1) -> None:
+    if not rho > 0 or not math.isfinite(rho):
+        raise SharpscopeError(f"rho must be positive, got {rho}")
+    if norm not in NORMS:
+        raise SharpscopeError(f"unknown norm {norm!r}: choose l2 or linf")
+    if steps < 1 or restarts < 1:
+        raise SharpscopeError("APGD needs steps >= 1 and restarts >= 1")
+
+
+def _scale(obj: Objective, adaptive: bool, eta: float) -> torch.Tensor:
+    """c: |w| + eta (adaptive, Kwon et al. 2021) or ones."""
+    if adaptive:
+        return obj.w0.abs() + eta
+    return torch.ones_like(obj.w0)
+
+
+def _project(u: torch.Tensor, rho: float, norm: str) -> torch.Tensor:
+    if norm == "linf":
+        return u.clamp(-rho, rho)
+    n = torch.linalg.vector_norm(u)
+    return u * (rho / n) if n > rho else u
+
+
+def _ascent_direction(g: torch.Tensor, norm: str) -> torch.Tensor:
+    if norm == "linf":
+        return torch.sign(g)
+    return g / (torch.linalg.vector_norm(g) + 1e-30)
+
+
+def _random_in_ball(n: int, rho: float, norm: str, g: torch.Generator) -> torch.Tensor:
+    """A point drawn uniformly from the l2 ball or linf box of radius rho."""
+    if norm == "linf":
+        return (2 * torch.rand(n, generator=g, dtype=torch.float64) - 1) * rho
+    d = torch.randn(n, generator=g, dtype=torch.float64)
+    radius = rho * torch.rand((), generator=g, dtype=torch.float64) ** (1.0 / n)
+    return d / torch.linalg.vector_norm(d) * radius
+
+
+def _apgd(
+    obj: Objective,
+    c: torch.Tensor,
+    rho: float,
+    norm: str,
+    steps: int,
+    restarts: int,
+    seed: int,
+    bar: tqdm,
+) -> tuple[float, torch.Tensor]:
+    """Best (L(w + c u), u) over ``restarts`` APGD runs of ``steps`` steps (ALGORITHMS.md)."""
+    checkpoints = set(apgd_checkpoints(steps))
+    gen = torch.Generator().manual_seed(seed)
+    w0, dtype = obj.w0, obj.w0.dtype
+    best_value, best_u = -math.inf, torch.zeros_like(w0)
+
+    def at(u: torch.Tensor) -> tuple[float, torch.Tensor]:
+        value, grad_w = obj.value_and_grad(w0 + c * u)
+        return value, (c * grad_w.to(dtype))
+
+    for r in range(restarts):
+        if r == 0:
+            u = torch.zeros_like(w0)
+        else:
+            u = _random_in_ball(obj.numel, rho, norm, gen).to(w0.device, dtype)
+        current, g = at(u)
+        run_best, run_u, run_g = current, u, g
+        step = 2 * rho  # initial step size 2 * rho (Croce & Hein 2020, Alg. 1)
+        u_prev = u
+        successes, last_checkpoint = 0, 0
+        best_at_checkpoint, step_at_checkpoint = run_best, step
+        for k in range(steps):
+            z = _project(u + step * _ascent_direction(g, norm), rho, norm)
+            if k > 0:
+                z = _project(u + MOMENTUM * (z - u) + (1 - MOMENTUM) * (u - u_prev), rho, norm)
+            u_prev, u = u, z
+            value, g = at(u)
+            successes += value > current
+            current = value
+            if value > run_best:
+                run_best, run_u, run_g = value, u, g
+            bar.update()
+            if k + 1 in checkpoints:
+                h = k + 1 - last_checkpoint
+                stalled = step == step_at_checkpoint and run_best == best_at_checkpoint
+                if successes < SUCCESS_FRACTION * h or stalled:
+                    step /= 2
+                    u, g, u_prev, current = run_u, run_g, run_u, run_best
+                successes, last_checkpoint = 0, k + 1
+                best_at_checkpoint, step_at_checkpoint = run_best, step
+        if run_best > best_value:
+            best_value, best_u = run_best, run_u
+    return best_value, best_u
+
+
+def sharpness(
+    model: nn.Module | Objective,
+    data: Any = None,
+    rho: float = 0.05,
+    *,
+    loss_fn: Callable | None = None,
+    norm: str = "l2",
+    adaptive: bool = False,
+    eta: float = 0.0,
+    steps: int = 20,
+    restarts: int = 1,
+    m: int | None = None,
+    seed: int = 0,
+    param_filter: str = "all",
+    batch_size: int | None = None,
+    device: torch.device | str | None = None,
+    accumulate_dtype: torch.dtype = torch.float64,
+    return_perturbation: bool = False,
+    progress: bool = False,
+) -> SharpnessResult:
+    """Worst-case sharpness max_{||eps/c||_p <= rho} L(w + eps) - L(w) by APGD.
+
+    Args:
+        model: a module with ``data`` (an (inputs, targets) pair or batches), or an
+            :class:`~sharpscope.objective.Objective`.
+        rho: radius (0.05: SAM's default, Foret et al. 2021).
+        norm: "l2" or "linf".
+        adaptive, eta: measure eps relative to c = |w| + eta (Kwon et al. 2021;
+            Andriushchenko et al. 2023 use eta = 0 for adaptive sharpness).
+        steps: APGD iterations per restart (20: Andriushchenko et al. 2023, Sec. 3).
+        restarts: the first starts at eps = 0, the others uniformly inside the ball.
+        m: None measures the whole set as one batch (the definition in SAM's bound);
+            m = k splits the examples, in order, into batches of k and returns the mean
+            of each batch's own maximum (m-sharpness, Foret et al. 2021, Sec. 4.1).
+        accumulate_dtype: dtype for summing L over batches (float64 keeps small-rho
+            differences exact, ALGORITHMS.md pitfalls).
+    """
+    _check(rho, norm, steps, restarts)
+    if m is not None and m < 1:
+        raise SharpscopeError(f"m must be a positive number of examples, got {m}")
+    options = {
+        "param_filter": param_filter,
+        "batch_size": batch_size,
+        "device": device,
+        "accumulate_dtype": accumulate_dtype,
+    }
+    obj = (
+        make_objective(model)
+        if isinstance(model, Objective)
+        else make_objective(model, data, loss_fn, **options)
+    )
+    if m is None:
+        groups = [obj]
+    else:
+        x = torch.cat([b[0] for b in obj.batches])
+        y = torch.cat([b[1] for b in obj.batches])
+        groups = [
+            Objective(
+                obj.model,
+                (x[i : i + m], y[i : i + m]),
+                obj.loss_fn,
+                param_filter=_filter_of(obj),
+                batch_size=m,
+                device=obj.device,
+                accumulate_dtype=obj.accumulate_dtype,
+                distributed=False,
+            )
+            for i in range(0, len(y), m)
+        ]
+    bar = tqdm(
+        total=len(groups) * restarts * steps,
+        desc=f"APGD sharpness rho={rho}",
+        disable=not progress,
+        leave=False,
+    )
+    values, losses, perturbed, eps_norms, grads = [], [], [], [], 0
+    best_eps = None
+    for i, group in enumerate(groups):
+        loss = group.check_finite()
+        c = _scale(group, adaptive, eta)
+        _, u = _apgd(group, c, rho, norm, steps, restarts, seed + i, bar)
+        eps = c * u
+        value_at_eps = group.value(group.w0 + eps)  # the real L(w + eps) of what we report
+        values.append(value_at_eps - loss)
+        losses.append(loss)
+        perturbed.append(value_at_eps)
+        eps_norms.append(torch.linalg.vector_norm(eps, 2 if norm == "l2" else math.inf).item())
+        grads += group.grad_count
+        best_eps = eps
+    bar.close()
+    return SharpnessResult(
+        value=float(np.mean(values)),
+        loss=float(np.mean(losses)),
+        perturbed_loss=float(np.mean(perturbed)),
+        rho=rho,
+        norm=norm,
+        adaptive=adaptive,
+        eta=eta,
+        steps=steps,
+        restarts=restarts,
+        m=m,
+        seed=seed,
+        n_examples=obj.n_examples,
+        n_params=obj.numel,
+        param_filter=obj.param_filter,
+        grad_count=grads,
+        eps_norm=float(np.max(eps_norms)),
+        per_batch=tuple(values) if m is not None else None,
+        perturbation=best_eps if return_perturbation and m is None else None,
+    )
+
+
+def _filter_of(obj: Objective) -> Callable[[str, nn.Parameter], bool]:
+    names = set(obj.layout.names)
+    return lambda name, _p: name in names
+
+
+def average_sharpness(
+    model: nn.Module | Objective,
+    data: Any = None,
+    rho: float = 0.05,
+    *,
+    loss_fn: Callable | None = None,
+    norm: str = "l2",
+    adaptive: bool = False,
+    eta: float = 0.0,
+    samples: int = 100,
+    seed: int = 0,
+    param_filter: str = "all",
+    batch_size: int | None = None,
+    device: torch.device | str | None = None,
+    accumulate_dtype: torch.dtype = torch.float64,
+    progress: bool = False,
+) -> AverageSharpnessResult:
+    """Average-case sharpness E[L(w + eps)] - L(w) by Monte Carlo.
+
+    eps ~ N(0, rho^2 diag(c^2)) for "l2" (each coordinate has standard deviation
+    rho * c_i, the convention of Andriushchenko et al. 2023, Sec. 3, and ALGORITHMS.md:
+    note ||eps||_2 is then about rho * sqrt(n), not rho) and eps ~ U[-rho c, rho c] for
+    "linf". Returns the sample mean over ``samples`` draws and its standard error.
+    """
+    _check(rho, norm)
+    if samples < 2:
+        raise SharpscopeError(f"average sharpness needs at least 2 samples, got {samples}")
+    options = {
+        "param_filter": param_filter,
+        "batch_size": batch_size,
+        "device": device,
+        "accumulate_dtype": accumulate_dtype,
+    }
+    obj = (
+        make_objective(model)
+        if isinstance(model, Objective)
+        else make_objective(model, data, loss_fn, **options)
+    )
+    loss = obj.check_finite()
+    c = _scale(obj, adaptive, eta)
+    gen = torch.Generator().manual_seed(seed)
+    diffs = []
+    for _ in tqdm(range(samples), desc="average sharpness", disable=not progress, leave=False):
+        if norm == "l2":
+            z = torch.randn(obj.numel, generator=gen, dtype=torch.float64)
+        else:
+            z = 2 * torch.rand(obj.numel, generator=gen, dtype=torch.float64) - 1
+        eps = rho * c * z.to(obj.device, obj.dtype)
+        diffs.append(obj.value(obj.w0 + eps) - loss)
+    arr = np.asarray(diffs)
+    return AverageSharpnessResult(
+        value=float(arr.mean()),
+        stderr=float(arr.std(ddof=1) / math.sqrt(samples)),
+        loss=loss,
+        rho=rho,
+        norm=norm,
+        adaptive=adaptive,
+        eta=eta,
+        samples=samples,
+        seed=seed,
+        n_examples=obj.n_examples,
+        n_params=obj.numel,
+        param_filter=obj.param_filter,
+    )
