@@ -72,7 +72,8 @@ def lanczos(
     Q s_i) of the tridiagonal T_j have residual ||A y_i - theta_i y_i|| = beta_j |e_j^T s_i|
     (Parlett 1998, Sec. 13.1), so convergence is read off T_j for free: the iteration stops
     when the k wanted pairs all have residual <= tol * |theta_i|. No restarts: the basis
-    is kept (memory n x iterations); ``max_iter`` caps it (default max(10k, 100), below n).
+    is kept (memory n x iterations); ``max_iter`` caps it (default max(10k, 100), below n),
+    and at least max(2k + 1, 20) steps are taken (ALGORITHMS.md).
 
     Returns eigenvalues ordered largest first ("largest") or smallest first ("smallest").
     """
@@ -81,6 +82,9 @@ def lanczos(
     if not 1 <= k <= n:
         raise SharpscopeError(f"k = {k} eigenvalues asked for, but the operator has size {n}")
     max_iter = min(n, max_iter or max(10 * k, 100))
+    # A Krylov space of at least max(2k + 1, 20) before trusting convergence: a larger
+    # eigenvalue the start vector barely touches may not have appeared in a smaller one.
+    min_iter = min(max_iter, max(2 * k + 1, 20))
     device = torch.device(device)
     q = _unit_start(n, seed, dtype, device)
     basis = torch.empty(max_iter, n, dtype=dtype, device=device)
@@ -102,7 +106,9 @@ def lanczos(
         theta, s = _tridiagonal_eigh(alphas, betas)
         pick = _wanted(theta, k, which)
         residual = np.abs(beta * s[-1, pick])
-        if len(alphas) >= k and np.all(residual <= tol * np.maximum(np.abs(theta[pick]), 1e-30)):
+        if len(alphas) >= min_iter and np.all(
+            residual <= tol * np.maximum(np.abs(theta[pick]), 1e-30)
+        ):
             converged = True
             break
         # An invariant subspace: T_j's eigenvalues are exact eigenvalues of the operator.

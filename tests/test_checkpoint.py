@@ -51,7 +51,9 @@ def test_pickled_objects_are_refused_and_never_run(tmp_path):
     assert not os.path.exists("/tmp/sharpscope-should-never-exist")
 
 
-@pytest.mark.parametrize("content", [b"", b"not a checkpoint at all", b"PK\x03\x04garbage"])
+@pytest.mark.parametrize(
+    "content", [b"", b"not a checkpoint at all", b"PK\x03\x04garbage", b"hello"]
+)
 def test_non_checkpoint_files_give_one_clear_error(tmp_path, content):
     path = tmp_path / "bad.pt"
     path.write_bytes(content)
