@@ -201,14 +201,29 @@ class Objective:
         """Number of entries of ``w``."""
         return self.layout.numel
 
-    def state(self, w: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """The full parameter-and-buffer dict for ``functional_call`` at ``w``."""
-        return {**self._fixed, **self.layout.unflatten(self.w0 if w is None else w)}
+    def state(
+        self, w: torch.Tensor | None = None, buffers: dict[str, torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """The full parameter-and-buffer dict for ``functional_call`` at ``w``.
 
-    def forward(self, w: torch.Tensor | None, inputs: torch.Tensor) -> torch.Tensor:
+        ``buffers`` overrides some of the model's buffers (e.g. recalibrated or
+        interpolated BatchNorm statistics).
+        """
+        return {
+            **self._fixed,
+            **(buffers or {}),
+            **self.layout.unflatten(self.w0 if w is None else w),
+        }
+
+    def forward(
+        self,
+        w: torch.Tensor | None,
+        inputs: torch.Tensor,
+        buffers: dict[str, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         """Model outputs at weights ``w`` (eval mode), without touching the module."""
         with eval_mode(self.model):
-            return functional_call(self.model, self.state(w), (inputs,))
+            return functional_call(self.model, self.state(w, buffers), (inputs,))
 
     def _weights(self, y: torch.Tensor) -> float:
         return len(y) / self.n_examples
@@ -217,13 +232,16 @@ class Objective:
         """L(w) as a Python float."""
         return self.evaluate(w)["loss"]
 
-    def evaluate(self, w: torch.Tensor | None = None) -> dict[str, float]:
-        """``{"loss": L(w), "accuracy": fraction of arg-max hits}``."""
+    def evaluate(
+        self, w: torch.Tensor | None = None, buffers: dict[str, torch.Tensor] | None = None
+    ) -> dict[str, float]:
+        """``{"loss": L(w), "accuracy": fraction of arg-max hits}`` (``buffers``: see
+        :meth:`state`)."""
         total = torch.zeros((), dtype=self.accumulate_dtype, device=self.device)
         correct = torch.zeros((), dtype=torch.int64, device=self.device)
         with torch.no_grad(), exact_float32():
             for x, y in self.batches:
-                out = self.forward(w, x)
+                out = self.forward(w, x, buffers)
                 total += self.loss_fn(out, y).to(self.accumulate_dtype) * self._weights(y)
                 correct += correct_count(out, y)
         total, correct = self._sum(total), self._sum(correct)
