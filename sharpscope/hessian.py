@@ -449,7 +449,13 @@ def _pyhessian_eigenvalues(obj: Objective, k: int, tol: float, max_iter: int, se
         return original_hvp(*args, **kwargs)
 
     try:
-        with torch.random.fork_rng(devices=[obj.device] if obj.device.type == "cuda" else []):
+        with (
+            torch.random.fork_rng(devices=[obj.device] if obj.device.type == "cuda" else []),
+            warnings.catch_warnings(),
+        ):
+            # Its backward(create_graph=True) makes a parameter/grad reference cycle; we
+            # break it by restoring .grad below, so its warning is noise here.
+            warnings.filterwarnings("ignore", message=".*reference cycle")
             torch.manual_seed(seed)
             kwargs = {"data": obj.batches[0]} if single else {"dataloader": obj.batches}
             h = module.hessian(model, obj.loss_fn, cuda=obj.device.type == "cuda", **kwargs)
@@ -463,9 +469,7 @@ def _pyhessian_eigenvalues(obj: Objective, k: int, tol: float, max_iter: int, se
                     return original_dl(v)
 
                 h.dataloader_hv_product = counted_dl
-            with warnings.catch_warnings():  # its backward(create_graph=True) cycle: we
-                warnings.filterwarnings("ignore", message=".*reference cycle")  # reset .grad
-                values, vectors = h.eigenvalues(maxIter=max_iter, tol=tol, top_n=k)
+            values, vectors = h.eigenvalues(maxIter=max_iter, tol=tol, top_n=k)
     finally:
         module.hessian_vector_product = original_hvp
         for m, flag in modes:
