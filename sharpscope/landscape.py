@@ -252,11 +252,13 @@ def grid_coordinates(low: float, high: float, points: int) -> np.ndarray:
 
 
 def _use_vmap(objective: Objective, batched: bool | None) -> bool:
-    # Stacking weights pays off for small models, where one forward leaves the hardware
-    # idle; above ~1M parameters one point at a time is as fast (benchmarks/bench_landscape).
+    # vmap over stacked weights only pays off where one forward leaves the device idle:
+    # on a CPU it was 0.5-0.6x as fast as one point at a time for digits models
+    # (benchmarks/bench_landscape.py), so the default is batched on CUDA only, for models
+    # small enough that a chunk of 16 copies of the activations fits.
     if batched is not None:
         return batched
-    return objective.numel <= 1_000_000
+    return objective.device.type == "cuda" and objective.numel <= 1_000_000
 
 
 def evaluate_points(

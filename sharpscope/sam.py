@@ -146,6 +146,14 @@ class SAM(torch.optim.Optimizer):
         opt.second_step(zero_grad=True)         # back to w, base step with grad at w + eps
 
     or ``opt.step(closure)`` after the first backward, with ``closure`` doing the second.
+
+    Under DistributedDataParallel the first backward leaves the gradient averaged over
+    the processes in ``.grad``, so every process climbs to the same w + eps (one eps for
+    the global batch). For each process's own eps (m-sharpness with m the per-process
+    batch; one all-reduce fewer) run the first pass's forward *and* backward inside
+    ``ddp_model.no_sync()``: DDP decides in the forward pass whether the backward
+    all-reduces, so wrapping only ``backward()`` still all-reduces (davda54/sam issue
+    78). The second pass is then all-reduced as usual.
     """
 
     def __init__(

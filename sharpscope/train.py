@@ -16,10 +16,40 @@ seed, each with its own generator or a reseeded global state restored afterwards
 learning rate is a function of the step. So a run resumed from any resume checkpoint
 replays exactly the steps the uninterrupted run would take: on the CPU its final
 weights are bit-identical.
+
+Data parallelism (``torchrun --nproc_per_node N -m sharpscope train ...``, issue 5):
+every process joins the process group (:func:`sharpscope.distributed.init_from_environment`),
+wraps the model in DistributedDataParallel and draws the same (seed, epoch) permutation;
+process r takes the r-th contiguous slice of each global batch (``--batch-size`` is the
+global batch B; slices of B/N, as a DistributedSampler would give, but bit-reproducible
+and independent of N). Shards of unequal size are weighted so that the gradient is the
+global batch's mean. SAM has two modes:
+
+* default (``--m`` unset): the first-pass gradient is all-reduced, every process climbs
+  to the same w + eps, the global-batch SAM step of a one-process run (Foret et al.
+  2021, eq. 3) up to float summation order;
+* ``--m M`` with M dividing B/N (``--m B/N`` is the usual choice): each process takes
+  its own eps from its own examples and the first pass is not all-reduced -- the
+  per-accelerator SAM of Foret et al. 2021 (Sec. 3; m-sharpness, Sec. 4.1), and
+  one all-reduce per step instead of two. It equals a one-process run with the same
+  ``--m``. DDP decides in the *forward* pass whether the backward all-reduces, so the
+  unsynchronized first pass runs forward and backward inside ``no_sync()``.
+
+The second pass is always all-reduced (with ``--m`` below B/N, GSAM or "loss"-mode
+weight decay: one all-reduce of the averaged per-micro-batch gradients). BatchNorm
+normalizes with each process's batch statistics (``--sync-bn``: over the global batch,
+CUDA only); running statistics are updated in the clean pass only and are rank 0's
+(DDP broadcasts them). Evaluation splits the eval batches over the processes and gives
+the one-process numbers. Only rank 0 writes the run folder and prints; a resume
+checkpoint is read by rank 0 and broadcast. (After ``torchrun`` spell ``--m`` as
+``--m-sharpness``: torchrun's own parser takes ``--m`` for an abbreviation of its options.)
+What differs from one process: BatchNorm batch statistics (without --sync-bn), dropout
+masks (drawn per process) and float summation order.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -33,7 +63,9 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
+from . import distributed
 from .checkpoint import atomic_write, read_checkpoint, save_checkpoint
 from .commands.common import resolve_device, write_json
 from .data import DATASETS, Dataset, augment_batch, data_spec, load_dataset
@@ -44,7 +76,7 @@ from .sam import GSAM, SAM, bn_running_stats_frozen, parse_p, rho_from_lr
 
 OPTIMIZERS = ("sgd", "sam", "gsam")
 SCHEDULES = ("constant", "cosine", "step")
-AMP_MODES = ("none", "bf16", "fp16")
+AMP_MODES = ("auto", "none", "bf16", "fp16")
 WEIGHT_DECAY_MODES = ("optimizer", "loss")
 # "step" schedule: multiply the lr by 0.2 at 30%, 60% and 80% of training, the WRN
 # schedule (Zagoruyko & Komodakis 2016, Sec. 3: epochs 60, 120, 160 of 200).
@@ -78,7 +110,10 @@ class TrainConfig:
     sam_p: float | str = 2.0  # the paper's l2 ball; "inf" or any p >= 1
     adaptive: bool = False  # ASAM (Kwon et al. 2021)
     eta: float = 0.0  # ASAM offset; 0 matches davda54/sam
-    m: int | None = None  # m-sharpness micro-batch size; None = the whole batch
+    # m-sharpness micro-batch size; None = the whole (global) batch. Under torchrun with
+    # N processes, M must divide B/N: each process then keeps its own eps (no first
+    # all-reduce); None (or B) all-reduces the first pass (one eps for the global batch).
+    m: int | None = None
     sam_interval: int = 1  # SAM step every k steps, plain steps between (1 = always)
     gsam_alpha: float = 0.1  # GSAM's alpha (Zhuang et al. 2022 search [0, 0.3])
     gsam_rho_min: float | None = None  # GSAM rho at the lowest lr; None = constant rho
@@ -94,12 +129,17 @@ class TrainConfig:
     warmup: int = 0  # linear warmup steps
     epochs: int | None = None  # None: DEFAULT_EPOCHS unless steps is set
     steps: int | None = None  # optimization steps; overrides epochs
-    batch_size: int | str = 32  # or "full" (gradient descent); digits: 42 steps per epoch
+    # The global batch (split over the processes under torchrun), or "full" (gradient
+    # descent); digits: 42 steps per epoch.
+    batch_size: int | str = 32
     grad_clip: float | None = None  # max l2 norm of the gradient at w + eps
     loss: str = "ce"
     seed: int = 0
     device: str = "auto"
-    amp: str = "none"
+    # "auto": bf16 autocast on CUDA (issue 5; bf16 keeps fp32's exponent range, so no
+    # loss scaling: Kalamkar et al. 2019), none on the CPU.
+    amp: str = "auto"
+    sync_bn: bool = False  # under torchrun: SyncBatchNorm, statistics of the global batch
     eval_every: int = 1  # evaluate the test set every N epochs
     eval_batch_size: int = 1024
     # tracking (issue 3): top Hessian eigenvalue every N steps on a fixed training subset
@@ -139,16 +179,19 @@ class _Plan:
     """What a resolved configuration implies: sizes and step counts."""
 
     n_train: int
-    batch_size: int
+    batch_size: int  # the global batch
     steps_per_epoch: int
     total_steps: int
     epochs: int  # epochs started (the last may be partial in step mode)
+    world_size: int = 1  # processes sharing each batch
 
 
 def resolve_config(config: TrainConfig, dataset: Dataset | None = None) -> TrainConfig:
     """Check every option and fill in the defaults that depend on others.
 
-    Raises :class:`SharpscopeError` with one clear message for bad input.
+    With ``dataset``, also the checks that need its size and the number of processes
+    (:func:`sharpscope.distributed.world_size`). Raises :class:`SharpscopeError` with
+    one clear message for bad input.
     """
     c = dataclasses.replace(config)
     _choice("data", c.data, DATASETS)
@@ -207,8 +250,16 @@ def resolve_config(config: TrainConfig, dataset: Dataset | None = None) -> Train
         c.model = DEFAULT_MODEL[c.data]
     get_loss(c.loss, c.label_smoothing)  # refuses label smoothing with mse
     if dataset is not None:
-        _plan(c, dataset)  # size checks that need the data
+        _plan(c, dataset, distributed.world_size())  # size checks that need the data
     return c
+
+
+def resolve_amp(amp: str, device: torch.device) -> str:
+    """The mixed-precision mode ``amp`` means on ``device``: "auto" is bf16 on CUDA and
+    none elsewhere; the others stand for themselves."""
+    if amp == "auto":
+        return "bf16" if device.type == "cuda" else "none"
+    return amp
 
 
 def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
@@ -216,7 +267,7 @@ def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
         raise SharpscopeError(f"unknown --{name} {value!r}: choose one of {', '.join(choices)}")
 
 
-def _plan(c: TrainConfig, dataset: Dataset) -> _Plan:
+def _plan(c: TrainConfig, dataset: Dataset, world: int = 1) -> _Plan:
     n = len(dataset.train_y)
     batch = n if c.batch_size == "full" else int(c.batch_size)
     if batch > n:
@@ -225,12 +276,25 @@ def _plan(c: TrainConfig, dataset: Dataset) -> _Plan:
         )
     if c.m is not None and c.m > batch:
         raise SharpscopeError(f"--m {c.m} exceeds the batch size {batch}")
+    if batch < world:
+        raise SharpscopeError(f"--batch-size {batch} is smaller than the {world} processes")
+    if world > 1 and c.m is not None and c.m < batch:
+        # Micro-batches must not straddle two processes: each process's eps comes from
+        # its own examples, and the run then equals a one-process run with this --m.
+        per = batch // world
+        if batch % world or per % c.m:
+            hint = f"; --m {per} gives each process its own eps" if batch % world == 0 else ""
+            raise SharpscopeError(
+                f"--m {c.m} under {world} processes: --batch-size {batch} must split evenly "
+                f"over the processes and M must divide the per-process batch{hint} "
+                "(or leave --m unset for one eps per global batch)"
+            )
     # The last partial batch is dropped (a fresh permutation every epoch still shows
     # every example): a batch of one would break BatchNorm in train mode.
     per_epoch = n // batch
     total = c.steps if c.steps is not None else c.epochs * per_epoch
     epochs = math.ceil(total / per_epoch)
-    return _Plan(n, batch, per_epoch, total, epochs)
+    return _Plan(n, batch, per_epoch, total, epochs, world)
 
 
 def learning_rate(c: TrainConfig, step: int, total_steps: int) -> float:
@@ -344,13 +408,38 @@ def _to_cpu(obj: Any) -> Any:
 
 # -- the trainer ----------------------------------------------------------------------------
 class _Trainer:
-    """Model, optimizer and data of one run, and the optimization step."""
+    """Model, optimizer and data of one run, and the optimization step.
 
-    def __init__(self, c: TrainConfig, dataset: Dataset, device: torch.device):
-        self.c = c
+    Inside a process group of N > 1 processes the model is wrapped in
+    DistributedDataParallel (``self.ddp``; ``self.model`` stays the bare module) and
+    :meth:`batch` returns this process's slice of the global batch. ``dtype`` (tests)
+    converts the model and the data before DDP sees them.
+    """
+
+    def __init__(
+        self,
+        c: TrainConfig,
+        dataset: Dataset,
+        device: torch.device,
+        *,
+        dtype: torch.dtype | None = None,
+    ):
+        self.c = dataclasses.replace(c, amp=resolve_amp(c.amp, device))
+        c = self.c
         self.device = device
+        self.world, self.rank = distributed.world_size(), distributed.rank()
         self.dataset = dataset.to(device)
-        self.plan = _plan(c, dataset)
+        if dtype is not None:
+            self.dataset.train_x = self.dataset.train_x.to(dtype)
+            self.dataset.test_x = self.dataset.test_x.to(dtype)
+        self.plan = _plan(c, dataset, self.world)
+        # This process's contiguous slice [lo, hi) of every global batch (the split of
+        # Objective and DistributedSampler: sizes differ by at most one).
+        B = self.plan.batch_size
+        self.shard = (B * self.rank // self.world, B * (self.rank + 1) // self.world)
+        # A synchronized pass averages the processes' mean losses; weighting each by
+        # N * (its examples) / B makes that the global batch's mean when shards differ.
+        self.shard_weight = self.world * (self.shard[1] - self.shard[0]) / B
         self.loss_fn = get_loss(c.loss, c.label_smoothing)
         self.spec = model_spec(
             c.model,
@@ -361,8 +450,25 @@ class _Trainer:
             activation=c.activation,
         )
         torch.manual_seed(derive_seed(c.seed, _INIT))  # inside train()'s fork_rng
-        self.model = build_model(self.spec).to(device)
+        self.model = build_model(self.spec)
+        if dtype is not None:
+            self.model.to(dtype)
+        self.model.to(device)
         self.model.train()
+        self.ddp: DistributedDataParallel | None = None
+        if self.world > 1:
+            if c.sync_bn:
+                if device.type != "cuda":
+                    raise SharpscopeError(
+                        "--sync-bn needs CUDA: PyTorch's SyncBatchNorm has no CPU kernel"
+                    )
+                self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+            # DDP's default buffer sync: rank 0's BatchNorm running statistics are
+            # copied to every process before a forward pass (and before evaluation).
+            self.ddp = DistributedDataParallel(
+                self.model, device_ids=[device] if device.type == "cuda" else None
+            )
+        self.net: nn.Module = self.ddp if self.ddp is not None else self.model
         base_kwargs: dict[str, Any] = {
             "lr": c.lr,
             "momentum": c.momentum,
@@ -389,18 +495,31 @@ class _Trainer:
         self._order: tuple[int, torch.Tensor | None] = (-1, None)
 
     # one forward pass under autocast; the loss in float32
-    def _forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _forward(
+        self, x: torch.Tensor, y: torch.Tensor, model: nn.Module | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        model = self.net if model is None else model
         if self.autocast_dtype is None:
-            out = self.model(x)
+            out = model(x)
             return out, self.loss_fn(out, y)
         with torch.autocast(self.device.type, dtype=self.autocast_dtype):
-            out = self.model(x)
+            out = model(x)
         out = out.float()
         return out, self.loss_fn(out, y)
 
-    def _backward(self, loss: torch.Tensor, bad: torch.Tensor) -> torch.Tensor:
+    def _synced(self, sync: bool) -> contextlib.AbstractContextManager:
+        """Where DDP should not all-reduce: ``no_sync()`` around forward *and* backward
+        (DDP decides in the forward pass; davda54/sam issue 78)."""
+        if self.ddp is None or sync:
+            return contextlib.nullcontext()
+        return self.ddp.no_sync()
+
+    def _backward(self, loss: torch.Tensor, bad: torch.Tensor, synced: bool) -> torch.Tensor:
         """Gradients of ``loss`` into ``.grad`` (which must be empty), unscaled and with
-        the decay of "loss" mode added. Returns ``bad`` or'ed with "non-finite"."""
+        the decay of "loss" mode added. Returns ``bad`` or'ed with "non-finite".
+        ``synced``: DDP all-reduces this pass (uneven shards are weighted then)."""
+        if synced and self.shard_weight != 1.0:
+            loss = loss * self.shard_weight
         if self.scaler is None:
             loss.backward()
         else:
@@ -421,15 +540,52 @@ class _Trainer:
                     p.grad.add_(p.detach(), alpha=self.c.weight_decay)
         return bad
 
+    def _dropout_seed(self, step: int, k: int) -> int:
+        if self.world == 1:
+            return derive_seed(self.c.seed, _DROPOUT, step, k)
+        # Each process draws its own masks (the same seed everywhere would repeat the
+        # masks of rank 0's examples on every other rank's).
+        return derive_seed(self.c.seed, _DROPOUT, step, k, self.rank)
+
     def step(self, x: torch.Tensor, y: torch.Tensor, step: int) -> tuple[torch.Tensor, ...]:
-        """One optimization step on the batch (x, y). Returns (sum of clean-pass losses
-        over the examples, number correct, whether the step was skipped) as tensors."""
+        """One optimization step on the batch (x, y) (this process's slice under DDP).
+
+        Returns (sum of clean-pass losses over the examples, number correct, whether the
+        step was skipped) as tensors, summed over the processes under DDP.
+
+        Under DDP, which passes are all-reduced:
+
+        ===============================  ===========  ============================
+        mode                             first pass   second pass
+        ===============================  ===========  ============================
+        SGD / plain step                 DDP          --
+        SAM, GSAM, --m unset (or = B)    DDP          DDP
+        SAM, --m = B/N                   local        DDP
+        --m < B/N, or GSAM or "loss"     local        local, then one all-reduce
+        decay with --m                                of the averaged gradient
+        ===============================  ===========  ============================
+        """
         c = self.c
         sam = self.optimizer if isinstance(self.optimizer, SAM) else None
         use_sam = sam is not None and step % c.sam_interval == 0
         n = len(y)
-        m = c.m if (use_sam and c.m is not None) else n
+        B = self.plan.batch_size if self.ddp is not None else n  # the global batch
+        local_eps = use_sam and c.m is not None and c.m < B
+        m = c.m if local_eps else n
         chunks = [(x[i : i + m], y[i : i + m]) for i in range(0, n, m)]
+        # Local eps with more than one term per process to average (micro-batches), or a
+        # term DDP cannot average: GSAM's correction (it mixes a micro-batch's two
+        # gradients) and "loss"-mode decay at w + eps (eps differs between processes).
+        by_hand = (
+            self.ddp is not None
+            and local_eps
+            and (
+                len(chunks) > 1
+                or c.optimizer == "gsam"
+                or (c.weight_decay > 0 and c.weight_decay_mode == "loss")
+            )
+        )
+        sync_first, sync_second = not local_eps, not by_hand
         bad = torch.zeros((), dtype=torch.bool, device=self.device)
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), dtype=torch.int64, device=self.device)
@@ -438,22 +594,23 @@ class _Trainer:
         for k, (xk, yk) in enumerate(chunks):
             # Same dropout masks in both passes of a micro-batch: the perturbed pass
             # evaluates the same sampled loss, and rho = 0 reproduces SGD exactly.
-            dropout_seed = derive_seed(c.seed, _DROPOUT, step, k)
+            dropout_seed = self._dropout_seed(step, k)
             torch.manual_seed(dropout_seed)
-            out, loss = self._forward(xk, yk)  # clean pass: BN statistics update here
+            with self._synced(sync_first):
+                out, loss = self._forward(xk, yk)  # clean pass: BN statistics update here
+                bad = self._backward(loss, bad, sync_first)
             loss_sum += loss.detach() * len(yk)
             correct += correct_count(out.detach(), yk)
-            bad = self._backward(loss, bad)
             if not use_sam:
                 break
             sam.first_step(zero_grad=True)
             torch.manual_seed(dropout_seed)
-            with bn_running_stats_frozen(self.model):
+            with self._synced(sync_second), bn_running_stats_frozen(self.model):
                 _, loss_p = self._forward(xk, yk)
-            bad = self._backward(loss_p, bad)
+                bad = self._backward(loss_p, bad, sync_second)
             sam.unperturb()  # back to w, gradient at w + eps (GSAM-corrected) kept
-            if len(chunks) > 1:  # m-sharpness: average the micro-batches' gradients
-                weight = len(yk) / n
+            if len(chunks) > 1 or by_hand:  # m-sharpness: average the micro-batches' gradients
+                weight = len(yk) / B
                 grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
                 if total is None:
                     total = [g * weight for g in grads]
@@ -462,8 +619,16 @@ class _Trainer:
                         t.add_(g, alpha=weight)
                 self.base.zero_grad(set_to_none=True)
         if total is not None:
+            if by_hand:  # the only all-reduce of this step
+                distributed.all_reduce_sum_(total)
             for p, t in zip(self.params, total, strict=True):
                 p.grad = t
+        if self.ddp is not None:
+            # One small all-reduce: the logged totals are the global batch's, and the
+            # processes agree on skipping (a local first pass can overflow on one only).
+            totals = torch.stack([loss_sum.double(), correct.double(), bad.double()])
+            distributed.all_reduce_sum_([totals])
+            loss_sum, correct, bad = totals[0], totals[1].long(), totals[2] > 0
         skipped = self._descend(bad)
         return loss_sum, correct, skipped
 
@@ -495,34 +660,54 @@ class _Trainer:
 
     @torch.no_grad()
     def evaluate(self, split: str) -> dict[str, float]:
-        """Mean loss and accuracy on a whole split, in eval mode (mode restored)."""
+        """Mean loss and accuracy on a whole split, in eval mode (mode restored).
+
+        Under DDP the eval batches are dealt out to the processes (batch j to rank
+        j mod N) and their sums gathered; every process then adds them up in batch order,
+        so all get the numbers one process gets (the same batches, summed the same way).
+        """
         x, y = self.dataset.split(split)
+        size = self.c.eval_batch_size
+        starts = list(range(0, len(y), size))
+        losses = torch.zeros(len(starts), dtype=torch.float64, device=self.device)
+        correct = torch.zeros(len(starts), dtype=torch.int64, device=self.device)
+        distributed.broadcast_buffers(self.model)  # rank 0's BatchNorm statistics
         was_training = self.model.training
         self.model.eval()
-        total = torch.zeros((), dtype=torch.float64, device=self.device)
-        correct = torch.zeros((), dtype=torch.int64, device=self.device)
         try:
-            for i in range(0, len(y), self.c.eval_batch_size):
-                xb, yb = x[i : i + self.c.eval_batch_size], y[i : i + self.c.eval_batch_size]
-                out, loss = self._forward(xb, yb)
-                total += loss.double() * len(yb)
-                correct += correct_count(out, yb)
+            for j in range(self.rank, len(starts), self.world):
+                xb, yb = x[starts[j] : starts[j] + size], y[starts[j] : starts[j] + size]
+                out, loss = self._forward(xb, yb, self.model)
+                losses[j] = loss.double() * len(yb)
+                correct[j] = correct_count(out, yb)
         finally:
             self.model.train(was_training)
-        return {"loss": total.item() / len(y), "accuracy": correct.item() / len(y)}
+        distributed.all_reduce_sum_([losses, correct])  # one nonzero term each: exact
+        total = 0.0
+        for value in losses.tolist():  # in batch order, as one process sums them
+            total += value
+        return {"loss": total / len(y), "accuracy": int(correct.sum().item()) / len(y)}
 
     def batch(self, epoch: int, index: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Batch ``index`` of epoch ``epoch`` (order from (seed, epoch)), augmented with
-        randomness from (seed, step)."""
+        randomness from (seed, step); under DDP this process's slice of it."""
         B = self.plan.batch_size
         if self._order[0] != epoch:
             g = torch.Generator().manual_seed(derive_seed(self.c.seed, _ORDER, epoch))
             self._order = (epoch, torch.randperm(self.plan.n_train, generator=g))
-        idx = self._order[1][index * B : (index + 1) * B].to(self.device)
+        idx = self._order[1][index * B : (index + 1) * B]
+        lo, hi = self.shard
+        augment = self.dataset.augment
+        if augment is None:
+            idx = idx[lo:hi]
+        idx = idx.to(self.device)
         x, y = self.dataset.train_x[idx], self.dataset.train_y[idx]
-        if self.dataset.augment is not None:
+        if augment is not None:
+            # The whole global batch is augmented (cheap next to a step) and then sliced:
+            # every example gets the random crop and flip a one-process run gives it.
             g = torch.Generator().manual_seed(derive_seed(self.c.seed, _AUGMENT, step))
-            x = augment_batch(x, self.dataset.augment, g)
+            x = augment_batch(x, augment, g)
+            x, y = x[lo:hi], y[lo:hi]
         return x, y
 
     def set_lr(self, step: int) -> float:
@@ -539,6 +724,9 @@ class _Trainer:
         from .hessian import hessian_eigenvalues
 
         record: dict[str, Any] = {"kind": "track", "step": step}
+        # Every process calls this: under DDP the analyses shard the tracked examples
+        # and all-reduce (Objective), on rank 0's BatchNorm statistics.
+        distributed.broadcast_buffers(self.model)
         # The training loss without the decay term; eval mode (BN running statistics).
         result = hessian_eigenvalues(
             self.model, tracked, k=1, loss_fn=self.loss_fn, seed=self.c.seed
@@ -577,38 +765,60 @@ def train(
     configuration must equal ``config`` up to ``device``); ``overwrite=True`` replaces
     an old run there (only its run files are deleted, after the new run is set up).
     Bad input raises :class:`SharpscopeError` before anything is written.
+
+    Launched by ``torchrun`` (WORLD_SIZE > 1), or called on every process of an
+    initialized process group, this trains data-parallel (see the module docstring):
+    every process must call it with the same arguments; rank 0 alone writes ``out``
+    and prints; every process returns rank 0's final metrics, after they are written.
     """
     out = os.fspath(out)
-    _check_out(out, resume, overwrite)
-    saved: dict[str, Any] | None = None
-    if resume:
-        saved = read_checkpoint(os.path.join(out, "resume.pt"))
-        if "resume" not in saved or "config" not in saved:
-            raise SharpscopeError(f"{out}/resume.pt is not a sharpscope resume checkpoint")
-        saved_config = resolve_config(config_from_dict(saved["config"]))
-        config = resolve_config(config)
-        differ = [
-            f.name
-            for f in fields(TrainConfig)
-            if f.name != "device" and getattr(config, f.name) != getattr(saved_config, f.name)
-        ]
-        if differ:
-            raise SharpscopeError(
-                f"--resume continues the saved configuration; it differs in: {', '.join(differ)}"
-            )
+    # Checks that need nothing but the options raise alike on every process, before
+    # the process group is joined.
     c = resolve_config(config)
-    device = resolve_device(c.device)
+    device = distributed.init_from_environment(resolve_device(c.device))
     c.device = str(device)
-    dataset = load_dataset(
-        data_spec(c.data, train_subset=c.train_subset, data_dir=c.data_dir, download=c.download)
-    )
+    c.amp = resolve_amp(c.amp, device)
+    # Rank 0 looks at the folder and reads the resume checkpoint, and hands it out:
+    # the other processes must not race it (it writes there next). (The command line
+    # reads the saved configuration on every process first: with --resume, OUT must be
+    # on a file system that every node sees.)
+    saved = distributed.on_main(lambda: _open_run(out, c, resume, overwrite))
+    spec = data_spec(c.data, train_subset=c.train_subset, data_dir=c.data_dir, download=c.download)
+    # A download happens once, on rank 0; the others then read what it fetched.
+    load = distributed.main_first if c.download else (lambda fn: fn())
+    dataset = load(lambda: load_dataset(spec))
     resolve_config(c, dataset)
     if c.track_every is not None:
         _check_trackers(c)
     devices = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):  # the caller's global RNG is restored
         trainer = _Trainer(c, dataset, device)
-        return _run(trainer, out, saved, overwrite, progress, quiet)
+        metrics = _run(trainer, out, saved, overwrite, progress, quiet)
+    # Rank 0's numbers everywhere; and no process returns before the folder is written.
+    return distributed.broadcast_object(metrics)
+
+
+def _open_run(out: str, c: TrainConfig, resume: bool, overwrite: bool) -> dict[str, Any] | None:
+    """Check the output folder; with ``resume``, read its resume checkpoint and check
+    that ``c`` (resolved, on its device) is the saved configuration."""
+    _check_out(out, resume, overwrite)
+    if not resume:
+        return None
+    saved = read_checkpoint(os.path.join(out, "resume.pt"))
+    if "resume" not in saved or "config" not in saved:
+        raise SharpscopeError(f"{out}/resume.pt is not a sharpscope resume checkpoint")
+    saved_config = resolve_config(config_from_dict(saved["config"]))
+    saved_config.amp = resolve_amp(saved_config.amp, torch.device(c.device))
+    differ = [
+        f.name
+        for f in fields(TrainConfig)
+        if f.name != "device" and getattr(c, f.name) != getattr(saved_config, f.name)
+    ]
+    if differ:
+        raise SharpscopeError(
+            f"--resume continues the saved configuration; it differs in: {', '.join(differ)}"
+        )
+    return saved
 
 
 def _check_trackers(c: TrainConfig) -> None:
@@ -631,8 +841,11 @@ def _run(
     quiet: bool,
 ) -> dict[str, Any]:
     c, plan = t.c, t.plan
-    say = (lambda msg: None) if quiet else _print
-    show_bar = progress and not quiet and _isatty()
+    # Under DDP every process runs this loop in step (the collectives: gradients,
+    # evaluation, tracking); only rank 0 prints and writes.
+    main = distributed.is_main_process()
+    say = (lambda msg: None) if quiet or not main else _print
+    show_bar = progress and not quiet and main and _isatty()
     records: list[dict[str, Any]] = []
     step = epoch = index = 0
     elapsed = 0.0  # training seconds of earlier sessions of this run
@@ -658,7 +871,14 @@ def _run(
                 f"note: the run used {threads} CPU threads, this process {torch.get_num_threads()}"
                 "; the result matches an uninterrupted run only up to rounding"
             )
-    else:
+        world = state.get("world_size", 1)
+        if world != t.world:
+            say(
+                f"note: the run used {world} processes, this one {t.world}; the result "
+                "matches an uninterrupted run only up to rounding (and BatchNorm batch "
+                "statistics and dropout masks differ)"
+            )
+    elif main:
         os.makedirs(out, exist_ok=True)
         if overwrite:  # only now: the new run is set up and about to write its own files
             _clear_run_files(out)
@@ -672,11 +892,15 @@ def _run(
 
     def write_metrics() -> None:
         nonlocal last_metrics
+        if not main:
+            return
         _write_jsonl(os.path.join(out, "metrics.jsonl"), records)
         last_metrics = time.monotonic()
 
     def write_resume(metrics: dict[str, Any] | None = None) -> None:
         nonlocal last_resume
+        if not main:  # what it saves is the same on every process (rank 0's buffers)
+            return
         state = {
             "optimizer": _to_cpu(t.optimizer.state_dict()),
             "scaler": t.scaler.state_dict() if t.scaler is not None else None,
@@ -688,6 +912,7 @@ def _run(
             "records": list(records),
             "complete": metrics is not None,
             "threads": torch.get_num_threads(),
+            "world_size": t.world,
         }
         # metrics.jsonl first: the resume state carries the records, so a kill between
         # the two writes loses nothing.
@@ -697,6 +922,8 @@ def _run(
         last_resume = time.monotonic()
 
     def save_trajectory() -> None:
+        if not main:
+            return
         folder = os.path.join(out, TRAJECTORY)
         os.makedirs(folder, exist_ok=True)
         payload = {**header, "metrics": {"step": step, "epoch": epoch}}
@@ -737,7 +964,9 @@ def _run(
         x, y = t.batch(epoch, index, step)
         lr = t.set_lr(step)
         loss_sum, correct, skipped = t.step(x, y, step)
-        acc.add(loss_sum, correct, len(y), skipped)  # no host sync: it stays on the device
+        # Totals of the global batch (summed over the processes in t.step); no host
+        # sync: they stay on the device.
+        acc.add(loss_sum, correct, plan.batch_size, skipped)
         step, index = step + 1, index + 1
         if bar is not None:
             bar.update(1)
@@ -788,10 +1017,12 @@ def _run(
     final["test_loss"] = test_eval["loss"]
     final["test_accuracy"] = test_eval["accuracy"]
     final["seconds"] = elapsed + time.monotonic() - session_start
+    final["world_size"] = t.world
     records.append(final)
     metrics = {k: v for k, v in final.items() if k != "kind"}
-    payload = {**header, "metrics": metrics, "state_dict": _cpu_state_dict(t.model)}
-    save_checkpoint(os.path.join(out, "checkpoint.pt"), payload)
+    if main:
+        payload = {**header, "metrics": metrics, "state_dict": _cpu_state_dict(t.model)}
+        save_checkpoint(os.path.join(out, "checkpoint.pt"), payload)
     write_resume(metrics)
     say(
         f"done: {step} steps in {final['seconds']:.1f}s, test accuracy "

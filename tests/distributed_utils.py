@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import tempfile
 from collections.abc import Callable
@@ -18,6 +19,9 @@ def _worker(rank: int, world: int, init_file: str, fn: Callable, args: tuple) ->
     try:
         fn(rank, world, *args)
     finally:
+        # A DDP module kept alive in a reference cycle past the group's end aborts the
+        # process at exit; collect it first.
+        gc.collect()
         dist.destroy_process_group()
 
 

@@ -26,6 +26,7 @@ from sharpscope.train import (
     TrainConfig,
     _Trainer,
     learning_rate,
+    resolve_amp,
     resolve_config,
     train,
 )
@@ -252,7 +253,8 @@ def test_run_folder_contents_and_safe_checkpoints(tmp_path):
     with open(os.path.join(out, "config.json")) as f:
         config = json.load(f)
     resolved = resolve_config(_config(save_every=5))
-    assert config == dataclasses.asdict(dataclasses.replace(resolved, device="cpu"))
+    # the folder records what ran: the device and the mixed precision "auto" stood for
+    assert config == dataclasses.asdict(dataclasses.replace(resolved, device="cpu", amp="none"))
     records = _records(out)
     epochs = [r for r in records if r["kind"] == "epoch"]
     assert [r["epoch"] for r in epochs] == [1, 2, 3] and [r["step"] for r in epochs] == [4, 8, 12]
@@ -411,6 +413,21 @@ def test_cli_run_prints_one_line_per_epoch_off_a_terminal(tmp_path, capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     assert [line.split()[:2] for line in lines[:2]] == [["epoch", "1/2"], ["epoch", "2/2"]]
     assert lines[-1].startswith("done:")
+
+
+def test_amp_auto_is_bf16_on_cuda_and_none_on_the_cpu():
+    assert resolve_amp("auto", torch.device("cuda", 1)) == "bf16"
+    assert resolve_amp("auto", torch.device("cpu")) == "none"
+    assert resolve_amp("fp16", torch.device("cuda")) == "fp16"
+    assert _trainer(amp="auto").autocast_dtype is None  # a CPU trainer: full precision
+
+
+def test_m_sharpness_is_the_spelling_of_m_that_torchrun_lets_through():
+    from sharpscope.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["train", "--m-sharpness", "8"]).m == 8
+    assert parser.parse_args(["train", "--m", "8"]).m == 8
 
 
 def test_default_config_is_the_documented_digits_run():

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import os
 from typing import Any
 
+from .. import distributed
 from ..errors import SharpscopeError
 from ..losses import LOSSES
 from ..train import (
@@ -31,7 +33,21 @@ GSAM (Zhuang et al. 2022) and write a run folder: config.json, metrics.jsonl (on
 object per line), checkpoint.pt (final; `sharpscope measure` reads it), resume.pt
 (continue with --resume, bit-identical on the CPU) and, with --save-every,
 trajectory/step_NNNNNNN.pt. With no options: a small CNN with SAM on scikit-learn's
-digits, about 98% test accuracy in seconds on a CPU."""
+digits, about 98% test accuracy in seconds on a CPU.
+
+Several GPUs (or CPU processes, gloo) with PyTorch's DistributedDataParallel:
+
+  torchrun --nproc_per_node N -m sharpscope train ... [--m-sharpness B/N] [--sync-bn]
+
+(multi-node: torchrun's usual --nnodes / --rdzv-* flags). --batch-size is the global
+batch B; each process takes B/N of it (the same examples as one process would see,
+sliced). SAM's first pass is all-reduced, so every process climbs to the same w + eps:
+the one-process SAM step on the global batch. With --m M (M dividing B/N; --m B/N is
+the usual) each process takes its own eps from its own examples and that all-reduce is
+skipped: Foret et al.'s per-accelerator SAM (m-sharpness), equal to a one-process run
+with the same --m. (--m-sharpness is --m; torchrun's own parser refuses the short
+spelling as an ambiguous abbreviation of its options.) Only rank 0 writes the run
+folder; --resume works the same, with any N."""
 
 
 def _batch_size(text: str) -> int | str:
@@ -92,10 +108,15 @@ def register(subparsers: Any) -> None:
     g.add_argument("--eta", type=float, default=d.eta, help="ASAM offset (default: %(default)s)")
     g.add_argument(
         "--m",
+        "--m-sharpness",
+        dest="m",
         type=int,
         metavar="M",
         help="m-sharpness: each micro-batch of M examples gets its own perturbation "
-        "(default: the whole batch)",
+        "(default: the whole batch). Under torchrun M must divide the per-process batch "
+        "B/N: each process then keeps its own eps and skips the first-pass all-reduce. "
+        "After torchrun write --m-sharpness: torchrun's parser rejects --m as an "
+        "abbreviation of its --master-addr / --max-restarts / ...",
     )
     g.add_argument(
         "--sam-interval",
@@ -166,7 +187,8 @@ def register(subparsers: Any) -> None:
         type=_batch_size,
         default=d.batch_size,
         help="examples per step, or 'full' for full-batch gradient descent (default: "
-        "%(default)s; the last partial batch of an epoch is dropped)",
+        "%(default)s; the last partial batch of an epoch is dropped). Under torchrun the "
+        "global batch: each of the N processes takes B/N of it",
     )
     g.add_argument("--loss", default=d.loss, choices=LOSSES, help="(default: %(default)s)")
     g.add_argument("--seed", type=int, default=d.seed, help="(default: %(default)s)")
@@ -175,8 +197,14 @@ def register(subparsers: Any) -> None:
         "--amp",
         default=d.amp,
         choices=AMP_MODES,
-        help="mixed precision (CUDA): bf16 autocast, or fp16 with a GradScaler "
-        "(default: %(default)s)",
+        help="mixed precision: bf16 autocast, or fp16 with a GradScaler; auto = bf16 on "
+        "CUDA, none on the CPU (default: %(default)s)",
+    )
+    g.add_argument(
+        "--sync-bn",
+        action="store_true",
+        help="under torchrun: synchronized BatchNorm (statistics of the global batch; "
+        "CUDA only). Default: each process normalizes with its own batch's statistics",
     )
     g.add_argument(
         "--eval-every", type=int, default=d.eval_every, metavar="N", help="test every N epochs"
@@ -261,5 +289,19 @@ def run(args: argparse.Namespace) -> int:
             config = dataclasses.replace(config, device=args.device)
     else:
         config = config_from_args(args)
-    train(config, out, resume=args.resume, overwrite=args.overwrite, quiet=args.quiet)
+    try:
+        train(config, out, resume=args.resume, overwrite=args.overwrite, quiet=args.quiet)
+    except SharpscopeError:
+        if int(os.environ.get("RANK", "0")) != 0:
+            # Every process raises the same error (train() hands rank 0's out): rank 0
+            # prints it; the others only exit with its status.
+            raise SystemExit(2) from None
+        raise
+    finally:
+        if distributed.launched_by_torchrun():
+            # After an error the trainer (its DDP reducer) can linger in a reference
+            # cycle through the traceback; outliving the process group, it aborts the
+            # process at exit.
+            gc.collect()
+            distributed.shutdown()
     return 0
