@@ -2,6 +2,7 @@
 
 import os
 
+import pytest
 import torch
 
 from sharpscope.objective import Objective
@@ -44,3 +45,43 @@ def test_sharded_objective_equals_single_process(tmp_path):
         torch.testing.assert_close(r["grad"], grad, rtol=1e-12, atol=1e-14)
         torch.testing.assert_close(r["hvp"], single.hvp(v), rtol=1e-12, atol=1e-14)
         assert r["accuracy"] == single.evaluate()["accuracy"]
+
+
+def analyses_on_ranks(rank, world, out_dir):
+    from sharpscope.hessian import hessian_eigenvalues, hessian_trace
+    from sharpscope.landscape import grid_coordinates, surface_2d
+    from sharpscope.sharpness import sharpness
+
+    model, data, v = make_problem()
+    obj = Objective(model, data, batch_size=7)
+    coords = grid_coordinates(-1, 1, 5)
+    d2 = torch.roll(v, 1)
+    result = {
+        "eigs": hessian_eigenvalues(obj, k=2).eigenvalues,
+        "trace": hessian_trace(obj, samples=5).value,
+        "sharpness": sharpness(obj, rho=0.1, steps=5).value,
+        "grid": surface_2d(obj, v, d2, coords, coords, batched=False).loss,
+    }
+    torch.save(result, os.path.join(out_dir, f"analysis{rank}.pt"))
+
+
+def test_distributed_hessian_sharpness_and_grid_equal_single_process(tmp_path):
+    from sharpscope.hessian import hessian_eigenvalues, hessian_trace
+    from sharpscope.landscape import grid_coordinates, surface_2d
+    from sharpscope.sharpness import sharpness
+
+    run_distributed(analyses_on_ranks, 2, str(tmp_path))
+    model, data, v = make_problem()
+    obj = Objective(model, data, batch_size=7)
+    coords = grid_coordinates(-1, 1, 5)
+    single = {
+        "eigs": hessian_eigenvalues(obj, k=2).eigenvalues,
+        "trace": hessian_trace(obj, samples=5).value,
+        "sharpness": sharpness(obj, rho=0.1, steps=5).value,
+        "grid": surface_2d(obj, v, torch.roll(v, 1), coords, coords, batched=False).loss,
+    }
+    for r in range(2):
+        got = torch.load(tmp_path / f"analysis{r}.pt", weights_only=False)
+        for key in ("eigs", "trace", "sharpness"):
+            assert got[key] == pytest.approx(single[key], rel=1e-10), key
+        assert abs(got["grid"] - single["grid"]).max() < 1e-12
