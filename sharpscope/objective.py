@@ -252,7 +252,7 @@ class Objective:
         w = (self.w0 if w is None else w).detach().requires_grad_(True)
         total = torch.zeros((), dtype=self.accumulate_dtype, device=self.device)
         grad = torch.zeros(self.numel, dtype=self.accumulate_dtype, device=self.device)
-        with exact_float32():
+        with exact_float32(), torch.enable_grad():  # works inside a caller's no_grad
             for x, y in self.batches:
                 loss = self.loss_fn(self.forward(w, x), y) * self._weights(y)
                 (g,) = torch.autograd.grad(loss, w)
@@ -277,7 +277,7 @@ class Objective:
         w = (self.w0 if w is None else w).detach().requires_grad_(True)
         v = v.to(device=self.device, dtype=self.dtype)
         out = torch.zeros(self.numel, dtype=self.accumulate_dtype, device=self.device)
-        with exact_float32():
+        with exact_float32(), torch.enable_grad():
             for x, y in self.batches:
                 loss = self.loss_fn(self.forward(w, x), y) * self._weights(y)
                 (g,) = torch.autograd.grad(loss, w, create_graph=True)

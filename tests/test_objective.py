@@ -110,3 +110,12 @@ def test_make_objective_passes_an_objective_through(tiny_mlp, tiny_data):
     assert make_objective(obj) is obj
     with pytest.raises(SharpscopeError, match="no data"):
         make_objective(tiny_mlp)
+
+
+def test_gradients_and_hvps_work_inside_no_grad(tiny_mlp, tiny_data):
+    obj = Objective(tiny_mlp, tiny_data)
+    v = torch.ones(obj.numel, dtype=torch.float64)
+    expected = (obj.grad(), obj.hvp(v))
+    with torch.no_grad():
+        torch.testing.assert_close(obj.grad(), expected[0])
+        torch.testing.assert_close(obj.hvp(v), expected[1])
