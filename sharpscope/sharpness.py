@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import distributed
 from .errors import SharpscopeError
 from .objective import Objective, make_objective
 
@@ -104,9 +105,11 @@ class AverageSharpnessResult:
         return dict(self.__dict__)
 
 
-def _check(rho: float, norm: str, steps: int = 1, restarts: int = 1) -> None:
+def _check(rho: float, norm: str, steps: int = 1, restarts: int = 1, eta: float = 0.0) -> None:
     if not rho > 0 or not math.isfinite(rho):
         raise SharpscopeError(f"rho must be positive, got {rho}")
+    if not eta >= 0:
+        raise SharpscopeError(f"eta must be >= 0 (c = |w| + eta scales eps), got {eta}")
     if norm not in NORMS:
         raise SharpscopeError(f"unknown norm {norm!r}: choose l2 or linf")
     if steps < 1 or restarts < 1:
@@ -221,21 +224,35 @@ def sharpness(
 
     Args:
         model: a module with ``data`` (an (inputs, targets) pair or batches), or an
-            :class:`~sharpscope.objective.Objective`.
+            :class:`~sharpscope.objective.Objective` (then ``data``, ``loss_fn``,
+            ``param_filter``, ``batch_size``, ``device`` and ``accumulate_dtype`` are
+            the objective's own and the arguments here are not used).
         rho: radius (0.05: SAM's default, Foret et al. 2021).
         norm: "l2" or "linf".
         adaptive, eta: measure eps relative to c = |w| + eta (Kwon et al. 2021;
             Andriushchenko et al. 2023 use eta = 0 for adaptive sharpness).
         steps: APGD iterations per restart (20: Andriushchenko et al. 2023, Sec. 3).
-        restarts: the first starts at eps = 0, the others uniformly inside the ball.
+        restarts: the first starts at eps = 0, the others uniformly inside the ball
+            (at an exact minimum the gradient is zero and only these can move).
         m: None measures the whole set as one batch (the definition in SAM's bound);
-            m = k splits the examples, in order, into batches of k and returns the mean
-            of each batch's own maximum (m-sharpness, Foret et al. 2021, Sec. 4.1).
+            m = k splits the examples, in order, into batches of k (the last one may be
+            shorter) and returns the unweighted mean of each batch's own maximum
+            (m-sharpness, Foret et al. 2021, Sec. 4.1). Batch i seeds its restarts with
+            ``seed + i``. Under a process group the batches are shared out over the ranks.
+        seed: seeds the random restarts (a local generator).
         accumulate_dtype: dtype for summing L over batches (float64 keeps small-rho
             differences exact, ALGORITHMS.md pitfalls).
+        return_perturbation: keep the best eps (shape (n_params,), the objective's flat
+            layout) in the result; only without m.
+
+    Returns:
+        :class:`SharpnessResult`; ``value`` is L(w + eps) - L(w) re-evaluated at the eps
+        found, a lower bound of the maximum. ``eps_norm`` is ||eps||_p (for adaptive
+        sharpness ||eps / c||_p <= rho bounds it instead); ``grad_count`` counts gradients
+        of the whole set (with m: of single batches).
     """
-    _check(rho, norm, steps, restarts)
-    if m is not None and m < 1:
+    _check(rho, norm, steps, restarts, eta)
+    if m is not None and (isinstance(m, bool) or not isinstance(m, int | np.integer) or m < 1):
         raise SharpscopeError(f"m must be a positive number of examples, got {m}")
     options = {
         "param_filter": param_filter,
@@ -248,49 +265,40 @@ def sharpness(
         if isinstance(model, Objective)
         else make_objective(model, data, loss_fn, **options)
     )
-    if m is None:
-        groups = [obj]
-    else:
-        x = torch.cat([b[0] for b in obj.batches])
-        y = torch.cat([b[1] for b in obj.batches])
-        groups = [
-            Objective(
-                obj.model,
-                (x[i : i + m], y[i : i + m]),
-                obj.loss_fn,
-                param_filter=_filter_of(obj),
-                batch_size=m,
-                device=obj.device,
-                accumulate_dtype=obj.accumulate_dtype,
-                distributed=False,
-            )
-            for i in range(0, len(y), m)
-        ]
+    base_loss = obj.check_finite()  # every batch's loss is finite when the mean is
+    groups = [obj] if m is None else _micro_batches(obj, m)
+    mine = [i for i in range(len(groups)) if m is None or i % _world(obj) == _rank(obj)]
     bar = tqdm(
-        total=len(groups) * restarts * steps,
+        total=len(mine) * restarts * steps,
         desc=f"APGD sharpness rho={rho}",
         disable=not progress,
         leave=False,
     )
-    values, losses, perturbed, eps_norms, grads = [], [], [], [], 0
+    # One row per group: value, L(w), L(w + eps), ||eps||_p, gradients spent.
+    rows = torch.zeros(len(groups), 5, dtype=torch.float64, device=obj.device)
     best_eps = None
-    for i, group in enumerate(groups):
-        loss = group.check_finite()
+    for i in mine:
+        group = groups[i]
+        start = group.grad_count
+        loss = base_loss if group is obj else group.value()
         c = _scale(group, adaptive, eta)
         _, u = _apgd(group, c, rho, norm, steps, restarts, seed + i, bar)
         eps = c * u
-        value_at_eps = group.value(group.w0 + eps)  # the real L(w + eps) of what we report
-        values.append(value_at_eps - loss)
-        losses.append(loss)
-        perturbed.append(value_at_eps)
-        eps_norms.append(torch.linalg.vector_norm(eps, 2 if norm == "l2" else math.inf).item())
-        grads += group.grad_count
+        perturbed = group.value(group.w0 + eps)  # the real L(w + eps) of what we report
+        eps_norm = torch.linalg.vector_norm(eps, 2 if norm == "l2" else math.inf).item()
+        rows[i] = torch.tensor(
+            [perturbed - loss, loss, perturbed, eps_norm, group.grad_count - start],
+            dtype=torch.float64,
+        )
         best_eps = eps
     bar.close()
+    if m is not None and obj.distributed:
+        distributed.all_reduce_sum_([rows])  # each group was measured on one rank only
+    rows = rows.cpu().numpy()
     return SharpnessResult(
-        value=float(np.mean(values)),
-        loss=float(np.mean(losses)),
-        perturbed_loss=float(np.mean(perturbed)),
+        value=float(rows[:, 0].mean()),
+        loss=float(rows[:, 1].mean()),
+        perturbed_loss=float(rows[:, 2].mean()),
         rho=rho,
         norm=norm,
         adaptive=adaptive,
@@ -302,16 +310,49 @@ def sharpness(
         n_examples=obj.n_examples,
         n_params=obj.numel,
         param_filter=obj.param_filter,
-        grad_count=grads,
-        eps_norm=float(np.max(eps_norms)),
-        per_batch=tuple(values) if m is not None else None,
+        grad_count=int(rows[:, 4].sum()),
+        eps_norm=float(rows[:, 3].max()),
+        per_batch=tuple(float(v) for v in rows[:, 0]) if m is not None else None,
         perturbation=best_eps if return_perturbation and m is None else None,
     )
 
 
-def _filter_of(obj: Objective) -> Callable[[str, nn.Parameter], bool]:
+def _world(obj: Objective) -> int:
+    return distributed.world_size() if obj.distributed else 1
+
+
+def _rank(obj: Objective) -> int:
+    return distributed.rank() if obj.distributed else 0
+
+
+def _micro_batches(obj: Objective, m: int) -> list[Objective]:
+    """One single-process objective per batch of m consecutive examples of ``obj``.
+
+    Under a process group each rank holds a contiguous shard (objective.py, _shard);
+    gathering the shards in rank order gives back every example in its original order,
+    so the batches are the ones a single process would form.
+    """
+    x = torch.cat([b[0] for b in obj.batches])
+    y = torch.cat([b[1] for b in obj.batches])
+    if obj.distributed:
+        shards = distributed.all_gather_objects((x.cpu(), y.cpu()))
+        x = torch.cat([s[0] for s in shards]).to(obj.device)
+        y = torch.cat([s[1] for s in shards]).to(obj.device)
     names = set(obj.layout.names)
-    return lambda name, _p: name in names
+    forward_batch = max(len(b[1]) for b in obj.batches)  # the objective's own pass size
+    return [
+        Objective(
+            obj.model,
+            (x[i : i + m], y[i : i + m]),
+            obj.loss_fn,
+            param_filter=lambda name, _p: name in names,
+            batch_size=min(m, forward_batch),
+            device=obj.device,
+            accumulate_dtype=obj.accumulate_dtype,
+            distributed=False,
+        )
+        for i in range(0, len(y), m)
+    ]
 
 
 def average_sharpness(
@@ -333,12 +374,23 @@ def average_sharpness(
 ) -> AverageSharpnessResult:
     """Average-case sharpness E[L(w + eps)] - L(w) by Monte Carlo.
 
-    eps ~ N(0, rho^2 diag(c^2)) for "l2" (each coordinate has standard deviation
-    rho * c_i, the convention of Andriushchenko et al. 2023, Sec. 3, and ALGORITHMS.md:
-    note ||eps||_2 is then about rho * sqrt(n), not rho) and eps ~ U[-rho c, rho c] for
-    "linf". Returns the sample mean over ``samples`` draws and its standard error.
+    The scaling convention, decided here (ALGORITHMS.md, "Average-case"): rho is a
+    per-coordinate scale, not a radius.
+
+    - "l2": eps_i ~ N(0, (rho c_i)^2) independently, i.e. eps ~ N(0, rho^2 diag(c^2)),
+      as in Andriushchenko et al. (2023, Sec. 3) and their code. ||eps / c||_2 is then
+      about rho sqrt(n), far outside the worst-case ball of the same rho, so the two
+      numbers are not comparable at equal rho.
+    - "linf": eps_i ~ U[-rho c_i, rho c_i] independently: eps fills the worst-case box.
+
+    c = |w| + eta when ``adaptive``, else 1. For a quadratic L with Hessian H the value is
+    rho^2 / 2 tr(diag(c) H diag(c)) ("l2") and rho^2 / 6 of that trace ("linf").
+    Returns the sample mean over ``samples`` draws (100 by default, the default of
+    Andriushchenko et al. 2023's code; a local generator seeded with ``seed``) and its
+    standard error std / sqrt(samples). Other arguments as
+    :func:`sharpness`.
     """
-    _check(rho, norm)
+    _check(rho, norm, eta=eta)
     if samples < 2:
         raise SharpscopeError(f"average sharpness needs at least 2 samples, got {samples}")
     options = {

@@ -5,9 +5,28 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import Any
 
 from .. import distributed
-from ..measure import DEFAULT_RHOS, format_table, measure_checkpoint
+from ..data import DATASETS, Dataset
+from ..errors import SharpscopeError
+from ..hessian import METHODS
+from ..measure import (
+    DEFAULT_AVERAGE_SAMPLES,
+    DEFAULT_EIG_TOL,
+    DEFAULT_RHOS,
+    DEFAULT_STEPS,
+    DEFAULT_TRACE_SAMPLES,
+    check_measure_settings,
+    check_model,
+    checkpoint_document,
+    checkpoint_loss,
+    format_table,
+    load_model_and_data,
+    measure,
+)
+from ..objective import PARAM_FILTERS
+from ..sharpness import NORMS
 from .common import (
     add_device_argument,
     add_evaluation_arguments,
@@ -39,20 +58,38 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=list(DEFAULT_RHOS),
         help="radius, one or several (default: 0.05, SAM's)",
     )
-    s.add_argument("--norm", choices=("l2", "linf"), default="l2", help="(default: l2)")
+    s.add_argument("--norm", choices=NORMS, default="l2", help="(default: l2)")
     s.add_argument(
         "--adaptive", action="store_true", help="adaptive sharpness: eps relative to |w| + eta"
     )
     s.add_argument("--eta", type=float, default=0.0, help="adaptive offset (default: 0)")
-    s.add_argument("--m", type=int, help="m-sharpness: mean over batches of M examples")
     s.add_argument(
-        "--steps", type=int, default=20, help="APGD steps (default: 20, Andriushchenko et al. 2023)"
+        "--m",
+        "--m-sharpness",
+        type=int,
+        metavar="M",
+        help="m-sharpness: the mean over batches of M examples of each batch's own maximum "
+        "(default: the whole set as one batch). Under torchrun write --m-sharpness.",
+    )
+    s.add_argument(
+        "--steps",
+        type=int,
+        default=DEFAULT_STEPS,
+        help=f"APGD steps (default: {DEFAULT_STEPS}, Andriushchenko et al. 2023)",
     )
     s.add_argument("--restarts", type=int, default=1, help="APGD restarts (default: 1)")
     s.add_argument(
         "--average",
         action="store_true",
-        help="also average-case sharpness (Monte Carlo, with standard error)",
+        help="also average-case sharpness E[L(w + eps)] - L(w), eps_i ~ N(0, (rho c_i)^2) "
+        "(l2) or U[-rho c_i, rho c_i] (linf); Monte Carlo with standard error",
+    )
+    s.add_argument(
+        "--average-samples",
+        type=int,
+        default=DEFAULT_AVERAGE_SAMPLES,
+        metavar="N",
+        help=f"Monte Carlo draws for --average (default: {DEFAULT_AVERAGE_SAMPLES})",
     )
     h = p.add_argument_group("Hessian")
     h.add_argument(
@@ -65,9 +102,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     h.add_argument("--smallest", action="store_true", help="also the K smallest eigenvalues")
     h.add_argument(
         "--eig-method",
-        choices=("lanczos", "power", "pyhessian"),
+        choices=METHODS,
         default="lanczos",
-        help="(default: lanczos)",
+        help="(default: lanczos; pyhessian needs the pyhessian extra)",
+    )
+    h.add_argument(
+        "--eig-tol",
+        type=float,
+        default=DEFAULT_EIG_TOL,
+        help=f"relative residual for eigenvalues (default: {DEFAULT_EIG_TOL:g})",
     )
     h.add_argument(
         "--trace",
@@ -75,7 +118,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=True,
         help="Hutchinson trace (default: on)",
     )
-    h.add_argument("--trace-samples", type=int, default=100, help="probes (default: 100)")
+    h.add_argument(
+        "--trace-samples",
+        type=int,
+        default=DEFAULT_TRACE_SAMPLES,
+        help=f"Rademacher probes (default: {DEFAULT_TRACE_SAMPLES}, PyHessian's)",
+    )
     h.add_argument(
         "--density",
         action="store_true",
@@ -83,7 +131,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--param-filter",
-        choices=("all", "weights"),
+        choices=PARAM_FILTERS,
         default="all",
         help="parameters that count: all, or weights without biases and "
         "normalization layers (default: all)",
@@ -94,60 +142,74 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     add_device_argument(p)
     g = p.add_argument_group("plain state_dict checkpoints")
-    g.add_argument("--data", help="data set the model was trained on")
+    g.add_argument("--data", choices=DATASETS, help="data set the model was trained on")
+    g.add_argument("--data-dir", help="folder holding CIFAR data (overrides the checkpoint's)")
     add_model_arguments(p)
     p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    from ..errors import SharpscopeError
+def _settings(args: argparse.Namespace, progress: bool) -> dict[str, Any]:
+    """The keywords of :func:`~sharpscope.measure.measure` the options give."""
+    return {
+        "split": args.split,
+        "samples": args.samples,
+        "batch_size": args.batch_size,
+        "rhos": args.rho,
+        "norm": args.norm,
+        "adaptive": args.adaptive,
+        "eta": args.eta,
+        "m": args.m,
+        "steps": args.steps,
+        "restarts": args.restarts,
+        "average": args.average,
+        "average_samples": args.average_samples,
+        "eigs": args.eigs,
+        "smallest": args.smallest,
+        "eig_method": args.eig_method,
+        "eig_tol": args.eig_tol,
+        "trace": args.trace,
+        "trace_samples": args.trace_samples,
+        "density": args.density,
+        "param_filter": args.param_filter,
+        "seed": args.seed,
+        "progress": progress,
+    }
 
+
+def run(args: argparse.Namespace) -> int:
+    # Everything that can be refused is refused before the first long computation:
+    # settings, output folder and labels; then every checkpoint is loaded and checked
+    # (rebuildable, parameter count, finite loss); only then is anything measured.
+    settings = _settings(args, progress=not args.quiet and sys.stderr.isatty())
+    check_measure_settings(**settings)
     if args.json:
         check_output_path(args.json)
     if args.labels and len(args.labels) != len(args.checkpoints):
         raise SharpscopeError("--labels needs one label per checkpoint")
-    for path in args.checkpoints:
-        if not os.path.isfile(path):
-            raise SharpscopeError(f"{path}: no such file")
-    if args.samples is not None and args.samples <= 0:
-        raise SharpscopeError(f"--samples must be positive, got {args.samples}")
-    if args.steps < 1 or args.restarts < 1:
-        raise SharpscopeError("--steps and --restarts must be at least 1")
     device = distributed.init_from_environment(resolve_device(args.device))
-    main = distributed.is_main_process()
+    settings["progress"] = settings["progress"] and distributed.is_main_process()
     options = {k: v for k, v in model_options_from_args(args).items() if v is not None}
-    documents = []
+    datasets: dict[str, Dataset] = {}  # checkpoints of one data set share it
+    loaded = []
     for path in args.checkpoints:
-        documents.append(
-            measure_checkpoint(
-                path,
-                model=args.model,
-                data=args.data,
-                model_options=options,
-                device=device,
-                split=args.split,
-                samples=args.samples,
-                batch_size=args.batch_size,
-                rhos=args.rho,
-                norm=args.norm,
-                adaptive=args.adaptive,
-                eta=args.eta,
-                m=args.m,
-                steps=args.steps,
-                restarts=args.restarts,
-                average=args.average,
-                eigs=args.eigs,
-                smallest=args.smallest,
-                eig_method=args.eig_method,
-                trace=args.trace,
-                trace_samples=args.trace_samples,
-                density=args.density,
-                param_filter=args.param_filter,
-                seed=args.seed,
-                progress=main and not args.quiet and sys.stderr.isatty(),
-            )
+        net, dataset, meta = load_model_and_data(
+            path,
+            model=args.model,
+            data=args.data,
+            model_options=options,
+            device=device,
+            data_dir=args.data_dir,
+            datasets=datasets,
         )
-    if main:
+        check_model(net, dataset, loss=checkpoint_loss(meta), device=device, **settings)
+        loaded.append((path, net, dataset, meta))
+    documents = [
+        checkpoint_document(
+            path, meta, measure(net, dataset, loss=checkpoint_loss(meta), device=device, **settings)
+        )
+        for path, net, dataset, meta in loaded
+    ]
+    if distributed.is_main_process():
         labels = args.labels or [
             os.path.basename(os.path.dirname(os.path.abspath(p))) + "/" + os.path.basename(p)
             for p in args.checkpoints
