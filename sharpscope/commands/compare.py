@@ -1,0 +1,129 @@
+"""``sharpscope compare A.pt B.pt --out DIR``: two minima, numbers and pictures, one report."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from ..landscape import DEFAULT_POINTS, NORMALIZATIONS
+from ..report import DEFAULT_SAMPLES, DEFAULT_TRACE_SAMPLES, QUICK, compare_checkpoints
+from .common import add_device_argument, resolve_device
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "compare",
+        help="measure two checkpoints and draw their landscapes side by side, with a report",
+        description="For checkpoints A and B of one architecture: the measure table "
+        "(loss, accuracy, worst-case sharpness, Hessian eigenvalue and trace), the "
+        "interpolation L((1-t) w_A + t w_B), 1-D curves along one random direction "
+        "overlaid and 2-D surfaces side by side with a shared color scale (the same "
+        "Gaussian directions for both, each filter-normalized against its own model). "
+        "Writes DIR/report.md (the figures and the table), DIR/results.json (every "
+        "number with its settings), the surfaces (.npz) and the figures (PDF and PNG).",
+    )
+    p.add_argument("checkpoint_a", metavar="A.pt")
+    p.add_argument("checkpoint_b", metavar="B.pt")
+    add_compare_arguments(p)
+    p.set_defaults(func=run)
+
+
+def add_compare_arguments(
+    p: argparse.ArgumentParser, out_default: str | None = None, samples: int = DEFAULT_SAMPLES
+) -> None:
+    """The options ``compare`` and ``demo`` share; ``samples`` is the default number of
+    examples without --quick."""
+    p.set_defaults(default_samples=samples)
+    if out_default is None:
+        p.add_argument("--out", required=True, metavar="DIR", help="output folder (created)")
+        p.add_argument("--labels", nargs=2, metavar=("A", "B"), help="names for A and B")
+    else:
+        p.add_argument("--out", default=out_default, metavar="DIR", help="(default: %(default)s)")
+    p.add_argument(
+        "--points",
+        type=int,
+        help=f"1-D and interpolation points (default: {DEFAULT_POINTS}; --quick: "
+        f"{QUICK['points']})",
+    )
+    p.add_argument(
+        "--points-2d",
+        type=int,
+        help=f"2-D points per axis (default: {DEFAULT_POINTS}, Li et al. 2018; --quick: "
+        f"{QUICK['points_2d']})",
+    )
+    p.add_argument(
+        "--samples",
+        type=int,
+        help=f"examples every number and surface is computed on (default: {samples}; "
+        f"--quick: {QUICK['samples']})",
+    )
+    p.add_argument(
+        "--trace-samples",
+        type=int,
+        help=f"Hutchinson probes for the Hessian trace (default: {DEFAULT_TRACE_SAMPLES}; "
+        f"--quick: {QUICK['trace_samples']})",
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="coarse grids and few examples: a look in seconds"
+    )
+    p.add_argument(
+        "--range",
+        type=float,
+        nargs=2,
+        default=[-1.0, 1.0],
+        metavar=("LOW", "HIGH"),
+        help="1-D and 2-D coordinate range (default: -1 1, Li et al. 2018)",
+    )
+    p.add_argument(
+        "--directions",
+        choices=NORMALIZATIONS,
+        default="filter",
+        help="normalization of the Gaussian directions (default: filter, Li et al. 2018)",
+    )
+    p.add_argument("--split", choices=("train", "test"), default="train", help="(default: train)")
+    p.add_argument("--batch-size", type=int, default=512, help="(default: 512)")
+    p.add_argument("--seed", type=int, default=0, help="directions and examples (default: 0)")
+    p.add_argument(
+        "--no-measure", action="store_true", help="skip the measure table (landscapes only)"
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    add_device_argument(p)
+
+
+def compare_options(args: argparse.Namespace) -> dict:
+    """The keyword arguments of :func:`~sharpscope.report.compare_checkpoints` from the
+    shared options, --quick filling in what was not given."""
+    quick = QUICK if args.quick else {}
+
+    def pick(name: str, default: int) -> int:
+        value = getattr(args, name)
+        return value if value is not None else quick.get(name, default)
+
+    return {
+        "points": pick("points", DEFAULT_POINTS),
+        "points_2d": pick("points_2d", DEFAULT_POINTS),
+        "samples": pick("samples", args.default_samples),
+        "trace_samples": pick("trace_samples", DEFAULT_TRACE_SAMPLES),
+        "range": tuple(args.range),
+        "directions": args.directions,
+        "split": args.split,
+        "batch_size": args.batch_size,
+        "seed": args.seed,
+        "measure": not args.no_measure,
+        "device": resolve_device(args.device),
+        "progress": not args.quiet and sys.stderr.isatty(),
+        "log": None if args.quiet else (lambda message: print(message, flush=True)),
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    compare_checkpoints(
+        args.checkpoint_a,
+        args.checkpoint_b,
+        args.out,
+        labels=tuple(args.labels) if args.labels else None,
+        **compare_options(args),
+    )
+    print(f"wrote {os.path.join(args.out, 'report.md')}")
+    return 0

@@ -1,0 +1,182 @@
+"""``compare`` and ``demo``: every file written, numbers consistent across analyses."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import matplotlib.image
+import numpy as np
+import pytest
+import torch
+
+from sharpscope import report
+from sharpscope.checkpoint import save_checkpoint
+from sharpscope.cli import main
+from sharpscope.data import data_spec, load_dataset
+from sharpscope.errors import SharpscopeError
+from sharpscope.landscape import Surface
+from sharpscope.models import build_model, model_spec
+
+
+def tiny_checkpoint(path, seed: int, width: int = 3) -> str:
+    """A 2-layer CNN for digits with seeded random weights, saved as a checkpoint."""
+    ds = load_dataset("digits")
+    spec = model_spec("cnn", ds.input_shape, ds.num_classes, width=width, depth=2)
+    model = build_model(spec)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(0.3 * torch.randn(p.shape, generator=g))
+    payload = {"model": spec, "data": data_spec("digits"), "config": {}, "metrics": {}}
+    save_checkpoint(path, {**payload, "state_dict": model.state_dict()})
+    return str(path)
+
+
+@pytest.fixture
+def checkpoints(tmp_path):
+    return tiny_checkpoint(tmp_path / "a.pt", 0), tiny_checkpoint(tmp_path / "b.pt", 1)
+
+
+SMALL = {"points": 5, "points_2d": 5, "samples": 64, "trace_samples": 4}
+
+
+def test_compare_writes_report_json_surfaces_and_figures(checkpoints, tmp_path):
+    out = tmp_path / "cmp"
+    doc = report.compare_checkpoints(*checkpoints, str(out), labels=("SGD", "SAM"), **SMALL)
+    files = set(os.listdir(out))
+    surfaces = {"interpolation.npz", "1d_a.npz", "1d_b.npz", "2d_a.npz", "2d_b.npz"}
+    figures = {f"{n}.{e}" for n in ("interpolation", "1d", "2d_contour", "2d_surface3d")
+               for e in ("pdf", "png")}  # fmt: skip
+    assert files == surfaces | figures | {"report.md", "results.json"}
+    for name in figures:
+        if name.endswith(".pdf"):
+            assert (out / name).read_bytes().startswith(b"%PDF")
+        else:
+            assert matplotlib.image.imread(out / name)[..., :3].std() > 0.05
+    text = (out / "report.md").read_text()
+    for png in sorted(n for n in figures if n.endswith(".png")):
+        assert f"]({png})" in text  # every PNG embedded
+    assert "sharpness l2 rho=0.05" in text and "Hessian eigenvalue 1" in text
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["labels"] == ["SGD", "SAM"] == doc["labels"]
+    assert saved["settings"]["samples"] == 64 and saved["settings"]["seed"] == 0
+
+
+def test_report_plot_commands_remake_the_figures_exactly(checkpoints, tmp_path, monkeypatch):
+    out = tmp_path / "cmp"
+    report.compare_checkpoints(*checkpoints, str(out), labels=("SGD", "SAM"), **SMALL)
+    commands = [
+        line.split()[1:]
+        for line in (out / "report.md").read_text().splitlines()
+        if line.startswith("sharpscope plot ")
+    ]
+    assert len(commands) == 4
+    monkeypatch.chdir(out)
+    (tmp_path / "again").mkdir()
+    for argv in commands:
+        name = os.path.splitext(argv[argv.index("--out") + 1])[0]
+        argv[argv.index("--out") + 1] = str(tmp_path / "again" / f"{name}.png")
+        assert main(argv) == 0
+        assert (tmp_path / "again" / f"{name}.png").read_bytes() == (
+            out / f"{name}.png"
+        ).read_bytes()
+
+
+def test_compare_numbers_agree_across_analyses(checkpoints, tmp_path):
+    """The same examples everywhere: L(w_A) from measure = interpolation at t = 0 = the
+    centre of the 1-D and 2-D surfaces; L(w_B) = interpolation at t = 1."""
+    doc = report.compare_checkpoints(*checkpoints, str(tmp_path / "c"), **SMALL)
+    interp = doc["interpolation"]
+    t = np.asarray(interp["coords"])
+    for k, model in enumerate("ab"):
+        measured = doc["measure"][k]["loss"]["train"]
+        at_end = interp["loss"][int(np.flatnonzero(t == float(k))[0])]
+        assert at_end == pytest.approx(measured, rel=1e-5)
+        assert doc["1d"][k]["summary"]["centre_loss"] == pytest.approx(measured, rel=1e-5)
+        assert doc["2d"][k]["summary"]["centre_loss"] == pytest.approx(measured, rel=1e-5)
+        assert doc["2d"][k]["file"] == f"2d_{model}.npz"
+    # The same seed for both: the same raw directions, each normalized to its own model.
+    assert doc["1d"][0]["settings"]["seed"] == doc["1d"][1]["settings"]["seed"]
+    assert doc["color_scale"]["levels"][0] <= min(np.nanmin(doc["2d"][k]["loss"]) for k in range(2))
+
+
+def test_interpolation_barrier_of_a_known_curve():
+    """L(t) = chord + 0.5 sin(pi t)^2 on [0, 1]: barrier 0.5 at t = 1/2, whatever lies
+    outside [0, 1] (Frankle et al. 2020's definition)."""
+    t = np.linspace(-0.5, 1.5, 41)
+    loss = (1 - t) * 0.2 + t * 0.6 + 0.5 * np.sin(np.pi * t) ** 2
+    loss[t < 0] = 100.0  # outside [0, 1]: ignored
+    barrier = report.interpolation_barrier(Surface("interpolation", t, None, loss, loss, {}))
+    assert barrier["value"] == pytest.approx(0.5)
+    assert barrier["t"] == pytest.approx(0.5)
+    convex = Surface("interpolation", t, None, (t - 0.5) ** 2, t, {})
+    assert report.interpolation_barrier(convex)["value"] == 0.0
+
+
+def test_landscape_summary_of_a_known_surface():
+    a, b = np.array([-1.0, 0.0, 1.0]), np.array([-1.0, 0.0, 1.0])
+    loss = 1.0 + a[None, :] ** 2 + 2 * b[:, None] ** 2  # centre 1, mean 1 + 2/3 + 4/3
+    loss[0, 0] = np.nan  # an unfinished point is left out of the mean and max
+    summary = report.landscape_summary(Surface("2d", a, b, loss, loss, {}))
+    finite = loss[np.isfinite(loss)]
+    assert summary["centre_loss"] == 1.0
+    assert summary["mean_loss"] == pytest.approx(finite.mean())
+    assert summary["max_loss"] == 4.0
+    assert summary["mean_rise"] == pytest.approx(finite.mean() - 1.0)
+
+
+def test_results_json_is_standard_json():
+    cleaned = report._finite({"a": [1.0, math.nan], "b": {"c": math.inf}, "d": "x"})
+    assert cleaned == {"a": [1.0, None], "b": {"c": None}, "d": "x"}
+
+
+def test_compare_refuses_bad_input(checkpoints, tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SharpscopeError, match="a file is in the way"):
+        report.compare_checkpoints(*checkpoints, str(tmp_path / "file" / "out"), **SMALL)
+    with pytest.raises(SharpscopeError, match="no such file"):
+        report.compare_checkpoints(checkpoints[0], str(tmp_path / "x.pt"), str(tmp_path / "o"))
+    other = tiny_checkpoint(tmp_path / "wide.pt", 2, width=5)
+    with pytest.raises(SharpscopeError, match="different architectures"):
+        report.compare_checkpoints(checkpoints[0], other, str(tmp_path / "o"), **SMALL)
+
+
+def test_compare_command_exit_codes(checkpoints, tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    blocked = ["compare", *checkpoints, "--out", str(tmp_path / "file" / "out"), "--quick"]
+    assert main(blocked) == 2
+    err = capsys.readouterr().err
+    assert "a file is in the way" in err and "Traceback" not in err
+    assert main(["compare", checkpoints[0], str(tmp_path / "x.pt"), "--out", "o"]) == 2
+    assert "no such file" in capsys.readouterr().err
+    out = tmp_path / "new" / "ok"  # parents are created
+    argv = ["compare", *checkpoints, "--out", str(out), "--labels", "A", "B", "--quiet"]
+    argv += ["--points", "3", "--points-2d", "3", "--samples", "32", "--trace-samples", "2"]
+    assert main(argv) == 0
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["settings"]["points_2d"] == 3
+    assert saved["2d"][0]["settings"]["points"] == [3, 3]
+
+
+@pytest.mark.slow
+def test_demo_end_to_end(tmp_path):
+    """Two short trainings and a quick compare; every output of the demo is there."""
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--quick", "--epochs", "2", "--quiet"]) == 0
+    for run in ("sgd", "sam"):
+        assert (out / run / "checkpoint.pt").is_file()
+    saved = json.loads((out / "compare" / "results.json").read_text())
+    assert saved["labels"] == ["SGD", "SAM"]
+    assert set(saved["training"]) == {"sgd", "sam"}
+    assert saved["training"]["sgd"]["config"]["seed"] == saved["training"]["sam"]["config"]["seed"]
+    assert (out / "compare" / "2d_contour.png").is_file()
+
+
+def test_demo_refuses_to_train_over_an_earlier_demo(tmp_path, capsys):
+    (tmp_path / "demo" / "sam").mkdir(parents=True)
+    (tmp_path / "demo" / "sam" / "checkpoint.pt").write_bytes(b"earlier run")
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--quick"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert not (tmp_path / "demo" / "sgd").exists()  # failed before training anything
