@@ -115,3 +115,12 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
 def test_atomic_write_into_a_missing_folder(tmp_path):
     with pytest.raises(SharpscopeError, match="does not exist"):
         atomic_write(tmp_path / "missing" / "x.pt", lambda tmp: None)
+
+
+def test_atomic_write_gives_ordinary_file_permissions(tmp_path):
+    umask = os.umask(0o022)
+    try:
+        atomic_write(tmp_path / "p.txt", lambda tmp: open(tmp, "w").write("x"))
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "p.txt").stat().st_mode & 0o777 == 0o644
