@@ -3,22 +3,28 @@
 Directions (Li et al. 2018, "Visualizing the Loss Landscape of Neural Nets", Sec. 4):
 a Gaussian direction rescaled filter by filter to the norms of w's filters, so that
 landscapes of networks with different weight scales are comparable. Also layer-wise
-and unnormalized directions, the interpolation between two minima (Goodfellow et al.
-2015), top Hessian eigenvectors, and the top-2 principal components of a training
-trajectory (Li et al. 2018, Sec. 7).
+and unnormalized directions, the straight line between two minima (Goodfellow et al.
+2015, "Qualitatively Characterizing Neural Network Optimization Problems"), top
+Hessian eigenvectors, and the top-2 principal components of a training trajectory
+(Li et al. 2018, Sec. 7).
 
-Every point is evaluated at w + a d1 + b d2 computed afresh from the stored w, through
-:class:`~sharpscope.objective.Objective`, so the user's model is never written to.
-Surfaces are saved as ``.npz``: coordinates, loss, accuracy and the settings as JSON.
+Every point is evaluated at w + a d1 + b d2 computed afresh from the stored w (never
+by accumulating steps, which drifts), through :class:`~sharpscope.objective.Objective`,
+so the user's model is never written to. Surfaces are saved as ``.npz``: coordinates,
+loss, accuracy, the settings as JSON and the directions' seed; unfinished points are
+NaN, and an interrupted grid continues from its partial file.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import glob
+import hashlib
 import json
 import math
 import os
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -30,35 +36,82 @@ from torch import nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
+from . import distributed
 from .checkpoint import atomic_write, load_checkpoint, read_checkpoint
 from .data import load_dataset
 from .errors import SharpscopeError
-from .losses import get_loss
-from .objective import Layout, Objective, eval_mode, exact_float32, make_objective
+from .losses import correct_count, get_loss
+from .objective import (
+    Layout,
+    Objective,
+    ParamFilter,
+    eval_mode,
+    exact_float32,
+    make_objective,
+    select_parameters,
+)
 
 NORMALIZATIONS = ("filter", "layer", "none")
 DIRECTIONS = NORMALIZATIONS + ("hessian", "pca")
+KINDS = ("1d", "2d", "interpolation")
 LAYOUT_2D = "rows = d2 (coords_b), columns = d1 (coords_a)"
-# Li et al. (2018): 2-D plots on [-1, 1]^2 with 51 x 51 points; interpolation on
-# [-0.5, 1.5] (Goodfellow et al. 2015 plot [-0.5, 1.5] too).
+# Li et al. (2018), Figs. 1-6 and their code's examples: [-1, 1] with 51 points per axis.
 DEFAULT_RANGE = (-1.0, 1.0)
 DEFAULT_POINTS = 51
+# Goodfellow et al. (2015) and Li et al. (2018, Fig. 2) plot t in [-0.5, 1.5]; 401
+# points as in the 1-D interpolation example of Li et al.'s code (tomgoldstein/
+# loss-landscape, README: --x=-0.5:1.5:401). Its step 0.005 puts t = 0 and t = 1 on the
+# grid exactly.
 INTERPOLATION_RANGE = (-0.5, 1.5)
+INTERPOLATION_POINTS = 401
+# range="auto": double the half-width from AUTO_START until the loss at every edge is
+# AUTO_FACTOR x the centre loss (our choice: one decade of loss, enough to show the
+# basin's walls on a log color scale), at most AUTO_MAX_DOUBLINGS times (up to 256).
+AUTO_FACTOR = 10.0
+AUTO_START = 0.25
+AUTO_MAX_DOUBLINGS = 10
+# PCA directions with range="auto": the trajectory's extent plus 20% on every side.
+TRAJECTORY_MARGIN = 1.2
+# Points per vmap call: 16 copies of the activations of one batch; measured by
+# benchmarks/bench_landscape.py, a larger chunk gains little once the device is busy.
+VMAP_CHUNK = 16
+# vmap only for models up to 1M parameters (16 stacked copies of w stay small).
+VMAP_MAX_PARAMS = 1_000_000
+# A 2-D grid's partial file is rewritten at most this often (seconds): a kill loses at
+# most this much work, and writing a few-kB .npz costs nothing at that rate.
+PARTIAL_SAVE_SECONDS = 10.0
+# Settings that may differ between an interrupted run and the one that resumes it.
+_RESUME_IGNORED = ("label", "labels", "evaluation")
 
 
 # --------------------------------------------------------------------------- directions
 
 
-def raw_direction(
-    layout: Layout, seed: int, dtype: torch.dtype = torch.float32, device: Any = "cpu"
-) -> torch.Tensor:
-    """A standard Gaussian vector in ``layout``, drawn tensor by tensor from ``seed``.
+def parameter_layout(model: nn.Module, param_filter: ParamFilter = "all") -> Layout:
+    """The flat layout of ``model``'s selected parameters (as :attr:`Objective.layout`)."""
+    return Layout.of(model, select_parameters(model, param_filter))
 
-    The draw depends only on the layout and the seed, so two models of the same
-    architecture get the same raw direction: what comparing two minima fairly needs.
+
+def raw_direction(
+    layout: Layout,
+    seed: int,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    *,
+    index: int = 0,
+) -> torch.Tensor:
+    """A standard Gaussian vector (numel,) in ``layout``, drawn tensor by tensor.
+
+    ``index`` picks the draw: d1 is index 0, d2 index 1, both from one generator seeded
+    with ``seed``, so a 1-D surface's direction is the 2-D surface's d1. The draw
+    depends only on the layout's shapes and the seed (it is made in float64 on the CPU,
+    then cast), so two models of one architecture get the same raw direction: the
+    fair way to compare two minima is this raw draw normalized against each model's
+    own weights (:func:`normalize_direction`).
     """
     g = torch.Generator().manual_seed(seed)
-    parts = [torch.randn(s.numel(), generator=g, dtype=torch.float64) for s in layout.shapes]
+    for _ in range(index + 1):
+        parts = [torch.randn(s.numel(), generator=g, dtype=torch.float64) for s in layout.shapes]
     return torch.cat(parts).to(device=device, dtype=dtype)
 
 
@@ -69,24 +122,28 @@ def normalize_direction(
     normalization: str = "filter",
     include_1d: bool = False,
 ) -> torch.Tensor:
-    """Rescale ``raw`` against the weights ``w`` (both flat in ``layout``).
+    """Rescale ``raw`` against the weights ``w`` (both flat (numel,) in ``layout``).
 
-    "filter": for every tensor with dim > 1, each slice along dim 0 (a conv output
-    filter, a linear output row) gets the norm of the matching slice of w (Li et al.
-    2018, eq. 1; +1e-10 against zero slices). "layer": each tensor gets the norm of
-    w's tensor. "none": unchanged. Tensors with dim <= 1 (biases, normalization
-    affine parameters) are zero unless ``include_1d``, then scaled as a whole to w's
-    tensor norm (for a 1-D tensor, its only "filter" is the whole tensor).
+    "filter" (Li et al. 2018, Sec. 4): for every tensor with dim > 1, each slice along
+    dim 0 (a conv output filter, a linear output row) is rescaled to the norm of the
+    matching slice of w: d_j <- d_j ||w_j|| / (||d_j|| + 1e-10). "layer": each tensor
+    rescaled to the norm of w's tensor. "none": unchanged. Tensors with dim <= 1
+    (biases, normalization-layer affine parameters) are zero by default, as in Li et
+    al.'s code (ignore="biasbn"); with ``include_1d`` they keep their Gaussian draw,
+    rescaled as a whole to the norm of w's tensor (a 1-D tensor taken as one filter;
+    their code copies w itself into d there instead, a direction that is not random).
+    A zero tensor (a fresh BatchNorm bias) gets a zero direction either way. Buffers
+    such as BatchNorm running statistics are not parameters, so never in a direction.
     """
     if normalization not in NORMALIZATIONS:
         raise SharpscopeError(
             f"unknown normalization {normalization!r}: choose {', '.join(NORMALIZATIONS)}"
         )
     d_parts = layout.unflatten(raw)
-    w_parts = layout.unflatten(w)
+    w_parts = layout.unflatten(w.to(raw))
     out = {}
     for name, shape in zip(layout.names, layout.shapes, strict=True):
-        d, p = d_parts[name], w_parts[name].to(raw.dtype)
+        d, p = d_parts[name], w_parts[name]
         if len(shape) <= 1 and not include_1d:
             out[name] = torch.zeros_like(d)
         elif normalization == "none":
@@ -101,34 +158,93 @@ def normalize_direction(
 
 
 def random_direction(
-    model: nn.Module | Objective,
+    model_or_objective: nn.Module | Objective,
     *,
     seed: int = 0,
     normalization: str = "filter",
     include_1d: bool = False,
-    param_filter: str = "all",
+    param_filter: ParamFilter = "all",
+    index: int = 0,
 ) -> torch.Tensor:
-    """A seeded Gaussian direction normalized against the model's weights (flat)."""
-    if isinstance(model, Objective):
-        layout, w = model.layout, model.w0
+    """A seeded Gaussian direction normalized against the model's weights.
+
+    Flat (numel,), in the layout, dtype and device of ``Objective.w0`` (for a module:
+    of its parameters selected by ``param_filter``). ``index`` 0 is d1, 1 is d2 (see
+    :func:`raw_direction`); normalization as :func:`normalize_direction`.
+    """
+    if isinstance(model_or_objective, Objective):
+        layout, w = model_or_objective.layout, model_or_objective.w0
     else:
-        obj = Objective(model, (torch.zeros(1), torch.zeros(1)), param_filter=param_filter)
-        layout, w = obj.layout, obj.w0
-    raw = raw_direction(layout, seed, w.dtype, w.device)
+        layout = parameter_layout(model_or_objective, param_filter)
+        params = dict(model_or_objective.named_parameters())
+        w = layout.flatten({n: params[n].detach() for n in layout.names})
+    raw = raw_direction(layout, seed, w.dtype, w.device, index=index)
     return normalize_direction(raw, w, layout, normalization, include_1d)
 
 
 def orthogonalize(d1: torch.Tensor, d2: torch.Tensor) -> torch.Tensor:
     """d2 with its component along d1 removed, rescaled to d2's norm (Gram-Schmidt).
 
-    Call after normalization: orthogonalizing first is undone by it (ALGORITHMS.md).
+    Call it after normalization: normalizing after orthogonalizing rescales each filter
+    and undoes the orthogonality (ALGORITHMS.md). The result keeps d2's overall norm
+    but no longer its filter norms exactly.
     """
     d2_perp = d2 - torch.dot(d2, d1) / torch.dot(d1, d1) * d1
     return d2_perp * (d2.norm() / (d2_perp.norm() + 1e-30))
 
 
+_orthogonalize = orthogonalize  # landscape_for_checkpoint has a keyword of that name
+
+
 def cosine(d1: torch.Tensor, d2: torch.Tensor) -> float:
+    """cos(d1, d2) = <d1, d2> / (||d1|| ||d2||), as a Python float."""
     return (torch.dot(d1, d2) / (d1.norm() * d2.norm() + 1e-30)).item()
+
+
+def interpolation_direction(
+    model_a: nn.Module, model_b: nn.Module, *, param_filter: ParamFilter = "all"
+) -> torch.Tensor:
+    """w_B - w_A (flat, in A's layout): the direction of the straight line from A to B
+    (Goodfellow et al. 2015). Raises :class:`SharpscopeError` for different architectures."""
+    layout = parameter_layout(model_a, param_filter)
+    params_a, params_b = dict(model_a.named_parameters()), dict(model_b.named_parameters())
+    _check_same_architecture(layout, params_b)
+    wa = layout.flatten({n: params_a[n].detach() for n in layout.names})
+    wb = layout.flatten({n: params_b[n].detach() for n in layout.names})
+    return wb.to(wa) - wa
+
+
+def _check_same_architecture(layout: Layout, params_b: dict[str, torch.Tensor]) -> None:
+    for name, shape in zip(layout.names, layout.shapes, strict=True):
+        if name not in params_b or params_b[name].shape != shape:
+            raise SharpscopeError(
+                f"the two models have different architectures (parameter {name}): "
+                "nothing to interpolate"
+            )
+
+
+def hessian_directions(
+    objective: Objective, k: int = 2, *, seed: int = 0, tol: float = 1e-4
+) -> tuple[list[torch.Tensor], list[float]]:
+    """The top-k Hessian eigenvectors (unit norm, flat) and their eigenvalues, by
+    Lanczos (:func:`sharpscope.hessian.hessian_eigenvalues`), largest first."""
+    from .hessian import hessian_eigenvalues  # lazily: hessian imports much
+
+    eig = hessian_eigenvalues(
+        objective, k=k, which="largest", tol=tol, seed=seed, return_eigenvectors=True
+    )
+    vectors = [eig.eigenvectors[i].to(objective.w0) for i in range(k)]
+    return vectors, [float(v) for v in eig.eigenvalues]
+
+
+_STEP = re.compile(r"step_(\d+)\.pt$")
+
+
+def trajectory_checkpoints(run_dir: str) -> list[str]:
+    """The checkpoints ``RUN/trajectory/step_NNNNNNN.pt`` written by ``sharpscope train
+    --save-every N``, in step order."""
+    paths = glob.glob(os.path.join(run_dir, "trajectory", "step_*.pt"))
+    return sorted((p for p in paths if _STEP.search(p)), key=lambda p: int(_STEP.search(p)[1]))
 
 
 def trajectory_directions(
@@ -136,32 +252,38 @@ def trajectory_directions(
 ) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, list[float]]:
     """Top-2 principal components of (w_i - w) over a run's saved trajectory.
 
-    Reads ``RUN/trajectory/step_*.pt`` (``sharpscope train --save-every N``); w is the
-    objective's weights (normally the run's final checkpoint). Returns unit directions
-    d1, d2, the trajectory's coordinates (k, 2) on that plane, and the fraction of the
-    variance each component explains (Li et al. 2018, Sec. 7).
+    Li et al. (2018), Sec. 7: with w the final weights (the objective's, normally the
+    run's final checkpoint) and w_i the saved ones, the rows of M = [w_i - w] (k, n)
+    are decomposed by SVD (not centred: the plane passes through w); d1, d2 are the
+    top two right singular vectors (unit norm) and the trajectory's coordinates are the
+    projections M [d1 d2] (k, 2), signed so that the first point's are >= 0. Also
+    returns the fraction of the variance of M that each component explains.
     """
-    paths = sorted(glob.glob(os.path.join(run_dir, "trajectory", "step_*.pt")))
-    if len(paths) < 3:
+    paths = trajectory_checkpoints(run_dir)
+    if len(paths) < 2:
         raise SharpscopeError(
-            f"{run_dir}/trajectory holds {len(paths)} checkpoints: PCA needs at least 3 "
-            "(train with --save-every N)"
+            f"{os.path.join(run_dir, 'trajectory')} holds {len(paths)} checkpoints: PCA needs "
+            "at least 2 (train with --save-every N)"
         )
     rows = []
     for path in paths:
         state = read_checkpoint(path)["state_dict"]
-        missing = [n for n in objective.layout.names if n not in state]
-        if missing:
-            raise SharpscopeError(f"{path}: not the same architecture (no {missing[0]})")
+        for name, shape in zip(objective.layout.names, objective.layout.shapes, strict=True):
+            if name not in state or state[name].shape != shape:
+                raise SharpscopeError(f"{path}: not the model's architecture (parameter {name})")
         w_i = objective.layout.flatten({n: state[n] for n in objective.layout.names})
-        rows.append(w_i.to(objective.w0) - objective.w0)
-    M = torch.stack(rows).double()
+        rows.append(w_i.to(device=objective.device, dtype=torch.float64))
+    M = torch.stack(rows) - objective.w0.double()
     _, S, Vh = torch.linalg.svd(M, full_matrices=False)
-    d1, d2 = Vh[0], Vh[1]
+    if len(S) < 2 or S[1] <= 1e-12 * S[0]:
+        raise SharpscopeError(f"{run_dir}: the trajectory spans fewer than 2 dimensions")
+    # An SVD's signs are arbitrary: fix them so the run's first point has coordinates
+    # >= 0, the same picture on every machine.
+    signs = torch.where(M[0] @ Vh[:2].T < 0, -1.0, 1.0).to(Vh)
+    d1, d2 = signs[0] * Vh[0], signs[1] * Vh[1]
     coords = (M @ torch.stack([d1, d2]).T).cpu().numpy()
     explained = (S[:2] ** 2 / (S**2).sum()).tolist()
-    dtype = objective.w0.dtype
-    return d1.to(dtype), d2.to(dtype), coords, explained
+    return d1.to(objective.w0), d2.to(objective.w0), coords, explained
 
 
 # --------------------------------------------------------------------------- surfaces
@@ -169,12 +291,15 @@ def trajectory_directions(
 
 @dataclass
 class Surface:
-    """A computed landscape.
+    """A computed landscape (mutable: the grid fills ``loss`` and ``accuracy`` in place).
 
-    ``coords_a`` (nx,) runs along d1 (or t for interpolation); ``coords_b`` (ny,) along
-    d2, for 2-D only. ``loss`` and ``accuracy`` are (nx,) for 1-D and interpolation,
-    (ny, nx) for 2-D: rows = d2 / coords_b, columns = d1 / coords_a. NaN marks a
-    point not computed yet.
+    ``kind``: "1d", "2d" or "interpolation". ``coords_a`` (nx,) runs along d1 (or t for
+    interpolation); ``coords_b`` (ny,) along d2, for 2-D only. ``loss`` and
+    ``accuracy`` (fraction in [0, 1]) are (nx,) for 1-D and interpolation, (ny, nx) for
+    2-D: rows = d2 / coords_b, columns = d1 / coords_a. NaN marks a point not computed
+    yet. ``settings`` says what produced it (see :func:`landscape_for_checkpoint`);
+    ``trajectory`` (k, 2) is a PCA plane's path in (a, b) coordinates; ``d1``/``d2``
+    the direction vectors when kept.
     """
 
     kind: str
@@ -187,38 +312,74 @@ class Surface:
     d1: np.ndarray | None = field(default=None, repr=False)
     d2: np.ndarray | None = field(default=None, repr=False)
 
-    def save(self, path: str) -> None:
-        """Write an ``.npz`` atomically (readable with ``allow_pickle=False``)."""
+    @property
+    def seed(self) -> int | None:
+        """The directions' (and examples') seed."""
+        return self.settings.get("seed")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Everything but the direction vectors, as JSON-ready values (NaN -> None)."""
+
+        def plain(a: np.ndarray | None) -> Any:
+            if a is None:
+                return None
+            return np.vectorize(_none_for_nan, otypes=[object])(np.asarray(a, float)).tolist()
+
+        return {
+            "kind": self.kind,
+            "coords_a": plain(self.coords_a),
+            "coords_b": plain(self.coords_b),
+            "loss": plain(self.loss),
+            "accuracy": plain(self.accuracy),
+            "trajectory": plain(self.trajectory),
+            "settings": self.settings,
+        }
+
+    def _arrays(self) -> dict[str, np.ndarray]:
         arrays: dict[str, np.ndarray] = {
             "coords_a": np.asarray(self.coords_a, dtype=np.float64),
             "loss": np.asarray(self.loss, dtype=np.float64),
             "accuracy": np.asarray(self.accuracy, dtype=np.float64),
             "settings": np.asarray(json.dumps(self.settings)),
-            "seed": np.asarray(self.settings.get("seed", -1)),
+            "seed": np.asarray(-1 if self.seed is None else int(self.seed)),
         }
         for key in ("coords_b", "trajectory", "d1", "d2"):
             value = getattr(self, key)
             if value is not None:
                 arrays[key] = np.asarray(value)
+        return arrays
 
-        def write(tmp: str) -> None:
-            with open(tmp, "wb") as f:
-                np.savez(f, **arrays)
+    def save(self, path: str | os.PathLike) -> None:
+        """Write an ``.npz`` atomically (readable with ``allow_pickle=False``): arrays
+        ``coords_a``, ``coords_b`` (2-D), ``loss``, ``accuracy``, ``settings`` (JSON, a
+        0-d string array), ``seed``, and ``trajectory``, ``d1``, ``d2`` when present."""
+        _write_npz(path, self._arrays())
 
-        atomic_write(path, write)
+
+def _none_for_nan(v: float) -> float | None:
+    return float(v) if math.isfinite(v) else None
 
 
-def load_surface(path: str) -> Surface:
-    """Read a surface saved by :meth:`Surface.save`; a clear error for anything else."""
+def _write_npz(path: str | os.PathLike, arrays: dict[str, np.ndarray]) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a name
+            np.savez(f, **arrays)
+
+    atomic_write(path, write)
+
+
+def load_surface(path: str | os.PathLike) -> Surface:
+    """Read a surface saved by :meth:`Surface.save`; :class:`SharpscopeError` with one
+    clear line for a missing, unreadable or foreign file."""
+    path = os.fspath(path)
     if not os.path.isfile(path):
         raise SharpscopeError(f"{path}: no such file")
     try:
         with np.load(path, allow_pickle=False) as f:
             data = {k: f[k] for k in f.files}
-        settings = json.loads(str(data["settings"]))
-        kind = settings["kind"]
+        settings = json.loads(str(data["settings"][()]))
         surface = Surface(
-            kind=kind,
+            kind=settings["kind"],
             coords_a=data["coords_a"],
             coords_b=data.get("coords_b"),
             loss=data["loss"],
@@ -229,36 +390,55 @@ def load_surface(path: str) -> Surface:
             d2=data.get("d2"),
         )
     except Exception as exc:  # a zip error, a missing key, bad JSON: one message
-        raise SharpscopeError(f"{path}: not a sharpscope landscape file ({exc})") from None
-    expected = (
-        (len(surface.coords_b), len(surface.coords_a)) if kind == "2d" else (len(surface.coords_a),)
-    )
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SharpscopeError(f"{path}: not a sharpscope landscape file ({detail})") from None
+    if surface.kind not in KINDS:
+        raise SharpscopeError(f"{path}: unknown landscape kind {surface.kind!r}")
+    if surface.kind == "2d":
+        if surface.coords_b is None:
+            raise SharpscopeError(f"{path}: a 2-D landscape without coords_b")
+        expected: tuple[int, ...] = (len(surface.coords_b), len(surface.coords_a))
+    else:
+        expected = (len(surface.coords_a),)
     if surface.loss.shape != expected or surface.accuracy.shape != expected:
-        raise SharpscopeError(f"{path}: arrays do not match the coordinates")
+        raise SharpscopeError(
+            f"{path}: loss {surface.loss.shape} does not match the coordinates {expected}"
+        )
+    if surface.trajectory is not None and (
+        surface.trajectory.ndim != 2 or surface.trajectory.shape[1] != 2
+    ):
+        raise SharpscopeError(f"{path}: trajectory must be (k, 2)")
     return surface
 
 
 def grid_coordinates(low: float, high: float, points: int) -> np.ndarray:
-    """``points`` evenly spaced values on [low, high] that contain 0 exactly when the
-    range does (the nearest grid value is snapped to 0, so the centre is L(w) itself)."""
+    """``points`` evenly spaced values on [low, high], containing 0 exactly when the
+    range does: the value nearest 0 is set to 0, so the centre is L(w) itself. A
+    symmetric range with an odd count is uniform with 0 at its middle; otherwise the
+    snapped value makes one step slightly uneven."""
     if points < 1:
         raise SharpscopeError(f"a grid needs at least 1 point, got {points}")
     if not (math.isfinite(low) and math.isfinite(high)) or high < low:
-        raise SharpscopeError(f"bad range [{low}, {high}]")
+        raise SharpscopeError(f"bad range [{low}, {high}]: need finite LOW <= HIGH")
+    if points == 1:
+        return np.array([0.0 if low <= 0 <= high else (low + high) / 2])
     coords = np.linspace(low, high, points)
+    if points % 2 == 1 and low == -high:  # exact symmetry: c[i] = -c[n-1-i]
+        coords = np.concatenate([coords[: points // 2], [0.0], -coords[: points // 2][::-1]])
     if low <= 0 <= high:
         coords[np.argmin(np.abs(coords))] = 0.0
     return coords
 
 
 def _use_vmap(objective: Objective, batched: bool | None) -> bool:
-    # vmap over stacked weights only pays off where one forward leaves the device idle:
-    # on a CPU it was 0.5-0.6x as fast as one point at a time for digits models
-    # (benchmarks/bench_landscape.py), so the default is batched on CUDA only, for models
-    # small enough that a chunk of 16 copies of the activations fits.
+    # vmap over stacked weights pays off where one forward leaves the device idle (small
+    # models on a GPU, launch-bound). On a CPU (benchmarks/bench_landscape.py) it ran at
+    # 0.3-0.5x the speed of one point at a time for the digits models on 1024 examples,
+    # 1.0x on 128; only a 3k-parameter MLP (0.03 ms forward) gained (2x, of 0.2 ms per
+    # point). So by default it is used on CUDA only, up to VMAP_MAX_PARAMS parameters.
     if batched is not None:
         return batched
-    return objective.device.type == "cuda" and objective.numel <= 1_000_000
+    return objective.device.type == "cuda" and objective.numel <= VMAP_MAX_PARAMS
 
 
 def evaluate_points(
@@ -266,26 +446,40 @@ def evaluate_points(
     weights: torch.Tensor,
     *,
     batched: bool | None = None,
-    chunk: int = 16,
+    chunk: int = VMAP_CHUNK,
     buffers: dict[str, torch.Tensor] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Loss and accuracy at each row of ``weights`` (P, n): arrays of shape (P,).
+    """Loss and accuracy at each row of ``weights`` (P, numel): two float64 arrays (P,).
 
-    With ``batched`` the points go through the model ``chunk`` at a time with
-    ``torch.func.vmap`` over stacked weights; otherwise one at a time.
+    ``batched``: True runs ``chunk`` points per forward with ``torch.func.vmap`` over
+    stacked weights; False one point at a time (:meth:`Objective.evaluate`); None picks
+    (vmap on CUDA for models up to VMAP_MAX_PARAMS, falling back to one at a time if
+    the model cannot be vmapped). ``buffers`` override the model's buffers at every
+    point. Both paths evaluate in eval mode and never write to the model.
     """
     if not _use_vmap(objective, batched):
         results = [objective.evaluate(w, buffers) for w in weights]
-        return (np.array([r["loss"] for r in results]), np.array([r["accuracy"] for r in results]))
-    losses, accs = [], []
-    fixed = {**objective._fixed, **(buffers or {})}
-    model, loss_fn = objective.model, objective.loss_fn
+        return np.array([r["loss"] for r in results]), np.array([r["accuracy"] for r in results])
+    try:
+        return _evaluate_vmap(objective, weights, chunk, buffers)
+    except (RuntimeError, NotImplementedError):
+        if batched:  # asked for explicitly: say why it fails
+            raise
+        return evaluate_points(objective, weights, batched=False, buffers=buffers)
+
+
+def _evaluate_vmap(objective, weights, chunk, buffers) -> tuple[np.ndarray, np.ndarray]:
+    model, loss_fn, layout = objective.model, objective.loss_fn, objective.layout
+    fixed = objective.state(objective.w0, buffers)
+    for name in layout.names:
+        del fixed[name]
 
     def one(w: torch.Tensor, x: torch.Tensor, y: torch.Tensor):
-        out = functional_call(model, {**fixed, **objective.layout.unflatten(w)}, (x,))
-        return loss_fn(out, y), (out.argmax(dim=-1) == y).sum()
+        out = functional_call(model, {**fixed, **layout.unflatten(w)}, (x,))
+        return loss_fn(out, y), correct_count(out, y)
 
     run = torch.func.vmap(one, in_dims=(0, None, None))
+    losses, accs = [], []
     with torch.no_grad(), exact_float32(), eval_mode(model):
         for start in range(0, len(weights), chunk):
             W = weights[start : start + chunk]
@@ -296,97 +490,221 @@ def evaluate_points(
                 total += loss.to(total.dtype) * (len(y) / objective.n_examples)
                 correct += hits
             total, correct = objective._sum(total), objective._sum(correct)
-            losses.append(total.cpu().numpy())
+            losses.append(total.double().cpu().numpy())
             accs.append(correct.cpu().numpy() / objective.n_examples)
     return np.concatenate(losses), np.concatenate(accs)
 
 
-def _recalibrated_buffers(
-    objective: Objective, w: torch.Tensor, train_batches: list
-) -> dict[str, torch.Tensor]:
-    """BatchNorm running statistics recomputed at weights ``w`` on training batches.
+class BatchNormRecalibrator:
+    """BatchNorm running statistics recomputed at given weights, on training batches.
 
-    As ``torch.optim.swa_utils.update_bn``: reset the statistics, momentum None (a
-    cumulative average), one pass in train mode; done on a copy, never the user's model.
+    As ``torch.optim.swa_utils.update_bn`` (and the mode-connectivity papers that use
+    it, e.g. Garipov et al. 2018): reset every BatchNorm's statistics, momentum None (a
+    cumulative average of the batch statistics), one pass over ``batches`` in train
+    mode. Done on one private copy of the model, never on the user's.
     """
-    model = copy.deepcopy(objective.model)
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    with torch.no_grad():
-        params = dict(model.named_parameters())
-        for name, value in objective.layout.unflatten(w).items():
-            params[name].copy_(value)
-        for bn in bns:
-            bn.reset_running_stats()
-            bn.momentum = None
-        model.train()
-        for x, _ in train_batches:
-            model(x)
-    return {n: b.detach() for n, b in model.named_buffers()}
+
+    def __init__(self, objective: Objective, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]):
+        self.objective = objective
+        self.model = copy.deepcopy(objective.model).to(objective.device)
+        self.norms = [
+            m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        ]
+        self.batches = [(x.to(objective.device), y) for x, y in batches]
+        if not self.batches:
+            raise SharpscopeError("BatchNorm recalibration needs at least one training batch")
+
+    def __call__(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The model's buffers (name -> tensor) after recalibration at weights ``w``."""
+        state = self.objective.state(w)
+        with torch.no_grad():
+            for name, p in self.model.named_parameters():
+                p.copy_(state[name])
+            for bn in self.norms:
+                bn.reset_running_stats()
+                bn.momentum = None
+            self.model.train()
+            for x, _ in self.batches:
+                self.model(x)
+        return {n: b.detach().clone() for n, b in self.model.named_buffers()}
 
 
-class _Grid:
-    """Evaluates a list of points with progress, periodic partial saves and resume."""
+def _recalibrated_buffers(
+    objective: Objective,
+    w: torch.Tensor,
+    train_batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+) -> dict[str, torch.Tensor]:
+    """The buffers after BatchNorm recalibration at ``w`` (one-off
+    :class:`BatchNormRecalibrator`)."""
+    return BatchNormRecalibrator(objective, train_batches)(w)
 
-    def __init__(self, objective, batched, bn_batches, progress, partial, save_every_s=10.0):
-        self.objective, self.batched, self.bn_batches = objective, batched, bn_batches
-        self.progress, self.partial, self.save_every_s = progress, partial, save_every_s
 
-    def run(self, surface: Surface, points: list[tuple[tuple[int, ...], torch.Tensor]]) -> None:
-        todo = [(idx, w) for idx, w in points if np.isnan(surface.loss[idx])]
-        bar = tqdm(
-            total=len(points),
-            initial=len(points) - len(todo),
-            desc="landscape",
-            disable=not self.progress,
-            leave=False,
+class _PointEvaluator:
+    """Evaluates stacked weight vectors the way one surface asked for: vmap-batched,
+    one point at a time, or with BatchNorm recalibrated at every point."""
+
+    def __init__(self, objective: Objective, batched: bool | None, bn_batches: Any):
+        self.objective = objective
+        self.recalibrate = (
+            BatchNormRecalibrator(objective, bn_batches) if bn_batches is not None else None
         )
-        last_save = time.monotonic()
-        step = 1 if self.bn_batches is not None else 64
-        try:
-            for start in range(0, len(todo), step):
-                chunk = todo[start : start + step]
-                if self.bn_batches is not None:
-                    idx, w = chunk[0]
-                    buffers = _recalibrated_buffers(self.objective, w, self.bn_batches)
-                    loss, acc = evaluate_points(
-                        self.objective, w[None], batched=False, buffers=buffers
-                    )
-                else:
-                    loss, acc = evaluate_points(
-                        self.objective, torch.stack([w for _, w in chunk]), batched=self.batched
-                    )
-                for (idx, _), lv, av in zip(chunk, loss, acc, strict=True):
-                    surface.loss[idx], surface.accuracy[idx] = lv, av
-                bar.update(len(chunk))
-                if self.partial and time.monotonic() - last_save > self.save_every_s:
-                    surface.save(self.partial)
-                    last_save = time.monotonic()
-        except BaseException:
-            if self.partial:  # keep what is done: --resume continues from here
-                surface.save(self.partial)
-            raise
-        finally:
-            bar.close()
+        self.batched = batched
+        self.vmap = self.recalibrate is None and _use_vmap(objective, batched)
+
+    @property
+    def chunk(self) -> int:
+        return VMAP_CHUNK if self.vmap else 1
+
+    @property
+    def description(self) -> str:
+        if self.recalibrate is not None:
+            return "one point at a time, BatchNorm recalibrated"
+        return f"vmap, {VMAP_CHUNK} points per pass" if self.vmap else "one point at a time"
+
+    def __call__(
+        self, W: torch.Tensor, buffers: dict[str, torch.Tensor] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Loss and accuracy (P,) at the rows of W (P, numel)."""
+        if self.recalibrate is not None:
+            out = [
+                evaluate_points(self.objective, w[None], batched=False, buffers=self.recalibrate(w))
+                for w in W
+            ]
+            return np.concatenate([o[0] for o in out]), np.concatenate([o[1] for o in out])
+        if self.vmap and buffers is None:
+            try:
+                return evaluate_points(self.objective, W, batched=True)
+            except (RuntimeError, NotImplementedError):
+                if self.batched:  # asked for explicitly: let the reason show
+                    raise
+                self.vmap = False  # a model vmap cannot take: one at a time from now on
+        return evaluate_points(self.objective, W, batched=False, buffers=buffers)
 
 
-def _resume_into(surface: Surface, partial: str | None) -> None:
-    """Copy finished points from a partial file whose settings match ``surface``'s."""
-    if not partial or not os.path.isfile(partial):
-        return
-    saved = load_surface(partial)
-    same = (
-        saved.kind == surface.kind
-        and {k: v for k, v in saved.settings.items() if k != "label"}
-        == {k: v for k, v in surface.settings.items() if k != "label"}
-        and np.array_equal(saved.coords_a, surface.coords_a)
-        and (surface.coords_b is None or np.array_equal(saved.coords_b, surface.coords_b))
-    )
-    if not same:
+def _fingerprint(*values: torch.Tensor | np.ndarray) -> str:
+    """A short SHA-256 of the exact bytes of ``values``: tells a partial file computed
+    from other weights or directions apart from this one's."""
+    h = hashlib.sha256()
+    for v in values:
+        if isinstance(v, torch.Tensor):
+            v = v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+        h.update(np.ascontiguousarray(v).tobytes())
+    return h.hexdigest()[:16]
+
+
+def _comparable(settings: dict[str, Any]) -> dict[str, Any]:
+    plain = json.loads(json.dumps(settings))  # tuples -> lists, as they come back from a file
+    return {k: v for k, v in plain.items() if k not in _RESUME_IGNORED}
+
+
+def _load_partial(path: str, surface: Surface) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """(loss, accuracy, done) from a partial file whose settings match ``surface``'s."""
+    if not os.path.isfile(path):
+        return None
+    saved = load_surface(path)
+    with np.load(path, allow_pickle=False) as f:
+        done = f["done"].astype(bool) if "done" in f.files else np.isfinite(saved.loss)
+    mine, theirs = _comparable(surface.settings), _comparable(saved.settings)
+    differ = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+    if (
+        differ
+        or saved.kind != surface.kind
+        or not np.array_equal(saved.coords_a, surface.coords_a)
+        or (surface.coords_b is not None and not np.array_equal(saved.coords_b, surface.coords_b))
+        or done.shape != surface.loss.shape
+    ):
+        what = ", ".join(differ) or "coordinates"
         raise SharpscopeError(
-            f"{partial}: a partial landscape with other settings; delete it or drop --resume"
+            f"{path}: a partial landscape computed with other settings ({what}); "
+            "delete it to start over"
         )
-    surface.loss[...] = saved.loss
-    surface.accuracy[...] = saved.accuracy
+    return saved.loss, saved.accuracy, done
+
+
+def _save_partial(surface: Surface, done: np.ndarray, path: str) -> None:
+    _write_npz(path, {**surface._arrays(), "done": done})
+
+
+def _run_grid(
+    surface: Surface,
+    points: list[tuple[tuple[int, ...], tuple[float, ...]]],
+    weight_at: Callable[..., torch.Tensor],
+    evaluator: _PointEvaluator,
+    *,
+    buffers_at: Callable[..., dict[str, torch.Tensor]] | None = None,
+    resume_path: str | None = None,
+    progress: bool = False,
+) -> None:
+    """Fill ``surface.loss`` / ``.accuracy`` at ``points`` = [(array index, coordinates)].
+
+    The weights of each point come from ``weight_at(*coordinates)`` when its chunk is
+    evaluated (never all at once: 2601 copies of w would not fit for a large model).
+    With ``resume_path``: finished points are read from it first, and it is rewritten
+    every PARTIAL_SAVE_SECONDS and on any interruption (by rank 0 only); it is removed
+    once the grid is complete.
+    """
+    done = np.zeros(surface.loss.shape, dtype=bool)
+    if resume_path:
+        state = distributed.on_main(lambda: _load_partial(resume_path, surface))
+        if state is not None:
+            surface.loss[...], surface.accuracy[...], done[...] = state
+    todo = [p for p in points if not done[p[0]]]
+    writer = bool(resume_path) and distributed.is_main_process()
+    step = 1 if buffers_at is not None else evaluator.chunk
+    bar = tqdm(
+        total=len(points),
+        initial=len(points) - len(todo),
+        desc=f"{surface.kind} landscape",
+        disable=not progress,
+        leave=False,
+    )
+    last_save = time.monotonic()
+    try:
+        for start in range(0, len(todo), step):
+            chunk = todo[start : start + step]
+            W = torch.stack([weight_at(*coords) for _, coords in chunk])
+            buffers = buffers_at(*chunk[0][1]) if buffers_at is not None else None
+            loss, acc = evaluator(W, buffers)
+            for (idx, _), lv, av in zip(chunk, loss, acc, strict=True):
+                surface.loss[idx], surface.accuracy[idx] = lv, av
+                done[idx] = True  # last: an interruption never marks a point half-written
+            bar.update(len(chunk))
+            if writer and time.monotonic() - last_save >= PARTIAL_SAVE_SECONDS:
+                _save_partial(surface, done, resume_path)
+                last_save = time.monotonic()
+    except BaseException:
+        if writer:  # keep what is done: the next run with the same resume_path continues
+            _save_partial(surface, done, resume_path)
+        raise
+    finally:
+        bar.close()
+    surface.settings["evaluation"] = evaluator.description
+    if writer and os.path.exists(resume_path):
+        os.remove(resume_path)
+
+
+def _new_surface(kind, coords_a, coords_b, settings, fingerprint) -> Surface:
+    shape = (len(coords_a),) if coords_b is None else (len(coords_b), len(coords_a))
+    head: dict[str, Any] = {"kind": kind}
+    if kind == "2d":
+        head["layout"] = LAYOUT_2D
+    return Surface(
+        kind,
+        coords_a,
+        coords_b,
+        np.full(shape, np.nan),
+        np.full(shape, np.nan),
+        {**(settings or {}), **head, "fingerprint": fingerprint},
+    )
+
+
+def _coords(values: Sequence[float], name: str) -> np.ndarray:
+    out = np.asarray(values, dtype=np.float64).reshape(-1)
+    if len(out) == 0:
+        raise SharpscopeError(f"{name}: a landscape needs at least 1 point")
+    if not np.isfinite(out).all():
+        raise SharpscopeError(f"{name}: coordinates must be finite")
+    return out
 
 
 def surface_1d(
@@ -395,22 +713,31 @@ def surface_1d(
     coords: Sequence[float],
     *,
     settings: dict[str, Any] | None = None,
+    resume_path: str | None = None,
     batched: bool | None = None,
-    bn_batches: list | None = None,
+    bn_batches: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
     progress: bool = False,
 ) -> Surface:
-    """L(w + a d) and accuracy for a in ``coords``."""
-    coords = np.asarray(coords, dtype=np.float64)
-    surface = Surface(
-        "1d",
-        coords,
-        None,
-        np.full(len(coords), np.nan),
-        np.full(len(coords), np.nan),
-        {"kind": "1d", **(settings or {})},
+    """L(w + a d) and accuracy for a in ``coords`` (nx,), w = ``objective.w0``.
+
+    ``direction`` is flat (numel,). ``batched``: see :func:`evaluate_points`.
+    ``bn_batches``: training batches (x, y) on which BatchNorm statistics are
+    recomputed at every point (:class:`BatchNormRecalibrator`); None keeps the model's
+    running statistics (eval mode). ``resume_path``: see :func:`surface_2d`.
+    """
+    ca = _coords(coords, "coords")
+    d = direction.to(objective.w0)
+    surface = _new_surface("1d", ca, None, settings, _fingerprint(objective.w0, d, ca))
+    points = [((i,), (float(a),)) for i, a in enumerate(ca)]
+    evaluator = _PointEvaluator(objective, batched, bn_batches)
+    _run_grid(
+        surface,
+        points,
+        lambda a: objective.w0 + a * d,
+        evaluator,
+        resume_path=resume_path,
+        progress=progress,
     )
-    points = [((i,), objective.w0 + float(a) * direction) for i, a in enumerate(coords)]
-    _Grid(objective, batched, bn_batches, progress, None).run(surface, points)
     return surface
 
 
@@ -424,34 +751,114 @@ def surface_2d(
     settings: dict[str, Any] | None = None,
     resume_path: str | None = None,
     batched: bool | None = None,
-    bn_batches: list | None = None,
+    bn_batches: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
     progress: bool = False,
 ) -> Surface:
-    """L(w + a d1 + b d2) on the grid coords_b x coords_a (rows = d2, columns = d1).
+    """L(w + a d1 + b d2) and accuracy on the grid ``coords_b`` x ``coords_a``.
 
-    With ``resume_path`` the finished points are saved there every few seconds and on
-    interruption; a later call with the same settings continues from it, recomputing
-    nothing, and the file is removed once the grid is complete.
+    Arrays (ny, nx): rows = d2 / coords_b, columns = d1 / coords_a; each point's
+    weights are computed afresh from w. With ``resume_path`` the finished points are
+    saved there every PARTIAL_SAVE_SECONDS and on interruption (KeyboardInterrupt, or
+    SIGTERM once turned into one, as the CLI does); a later call with the same
+    settings, weights and directions continues from it without recomputing finished
+    points, giving the same numbers; the file is removed once the grid is complete.
+    ``batched`` and ``bn_batches``: see :func:`surface_1d`.
     """
-    ca, cb = np.asarray(coords_a, dtype=np.float64), np.asarray(coords_b, dtype=np.float64)
-    shape = (len(cb), len(ca))
-    surface = Surface(
-        "2d",
-        ca,
-        cb,
-        np.full(shape, np.nan),
-        np.full(shape, np.nan),
-        {"kind": "2d", "layout": LAYOUT_2D, **(settings or {})},
+    ca, cb = _coords(coords_a, "coords_a"), _coords(coords_b, "coords_b")
+    e1, e2 = d1.to(objective.w0), d2.to(objective.w0)
+    fingerprint = _fingerprint(objective.w0, e1, e2, ca, cb)
+    surface = _new_surface("2d", ca, cb, settings, fingerprint)
+    points = [((i, j), (float(a), float(b))) for i, b in enumerate(cb) for j, a in enumerate(ca)]
+    evaluator = _PointEvaluator(objective, batched, bn_batches)
+    _run_grid(
+        surface,
+        points,
+        lambda a, b: objective.w0 + a * e1 + b * e2,
+        evaluator,
+        resume_path=resume_path,
+        progress=progress,
     )
-    _resume_into(surface, resume_path)
-    points = [
-        ((i, j), objective.w0 + float(a) * d1 + float(b) * d2)
-        for i, b in enumerate(cb)
-        for j, a in enumerate(ca)
-    ]
-    _Grid(objective, batched, bn_batches, progress, resume_path).run(surface, points)
-    if resume_path and os.path.exists(resume_path):
-        os.remove(resume_path)
+    return surface
+
+
+def interpolation(
+    model_a: nn.Module,
+    model_b: nn.Module,
+    data: Any,
+    ts: Sequence[float],
+    *,
+    include_buffers: bool = False,
+    bn_batches: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    loss_fn: Callable | None = None,
+    batch_size: int | None = None,
+    device: torch.device | str | None = None,
+    param_filter: ParamFilter = "all",
+    settings: dict[str, Any] | None = None,
+    resume_path: str | None = None,
+    batched: bool | None = None,
+    progress: bool = False,
+) -> Surface:
+    """L((1 - t) w_A + t w_B) and accuracy for t in ``ts`` (Goodfellow et al. 2015).
+
+    ``data``: (inputs, targets) or batches, as for :class:`Objective`. Computed as
+    (1 - t) w_A + t w_B, so t = 0 and t = 1 give w_A and w_B bit for bit. BatchNorm
+    running statistics: model A's at every t by default (only the weights move, as the
+    "weights" directions of Li et al.'s code; then the point t = 1 is w_B with A's
+    statistics, not model B, for a network with BatchNorm); ``include_buffers``
+    interpolates floating-point buffers with the same t (their "states"), so t = 1 is
+    model B exactly; ``bn_batches`` recomputes them on training batches at every t
+    (:class:`BatchNormRecalibrator`, as mode-connectivity papers do). Neither model is
+    modified.
+    """
+    if include_buffers and bn_batches is not None:
+        raise SharpscopeError("interpolate BatchNorm statistics or recalibrate them, not both")
+    obj = make_objective(
+        model_a,
+        data,
+        loss_fn,
+        batch_size=batch_size,
+        device=device,
+        param_filter=param_filter,
+    )
+    layout = obj.layout
+    params_b = dict(model_b.named_parameters())
+    _check_same_architecture(layout, params_b)
+    wa = obj.w0
+    wb = layout.flatten({n: params_b[n].detach() for n in layout.names}).to(wa)
+    ts = _coords(ts, "ts")
+    buffers_at = None
+    if include_buffers:
+        bufs_a = {n: b.to(obj.device) for n, b in model_a.named_buffers()}
+        bufs_b = dict(model_b.named_buffers())
+        for n, b in bufs_a.items():
+            if n not in bufs_b or bufs_b[n].shape != b.shape:
+                raise SharpscopeError(f"the two models have different buffers ({n})")
+        bufs_b = {n: bufs_b[n].to(bufs_a[n]) for n in bufs_a}
+
+        def buffers_at(t: float) -> dict[str, torch.Tensor]:
+            return {
+                n: (1 - t) * b + t * bufs_b[n] if b.is_floating_point() else b
+                for n, b in bufs_a.items()
+            }
+
+    bn = "interpolate" if include_buffers else ("recalibrate" if bn_batches else "A")
+    surface = _new_surface(
+        "interpolation",
+        ts,
+        None,
+        {**(settings or {}), "include_buffers": include_buffers, "bn": bn},
+        _fingerprint(wa, wb, ts),
+    )
+    points = [((i,), (float(t),)) for i, t in enumerate(ts)]
+    _run_grid(
+        surface,
+        points,
+        lambda t: (1 - t) * wa + t * wb,
+        _PointEvaluator(obj, batched, bn_batches),
+        buffers_at=buffers_at,
+        resume_path=resume_path,
+        progress=progress,
+    )
     return surface
 
 
@@ -459,22 +866,29 @@ def auto_range(
     objective: Objective,
     directions: Sequence[torch.Tensor],
     *,
-    factor: float = 10.0,
-    start: float = 0.5,
-    max_doublings: int = 8,
+    factor: float = AUTO_FACTOR,
+    start: float = AUTO_START,
+    max_doublings: int = AUTO_MAX_DOUBLINGS,
+    batched: bool | None = None,
+    bn_batches: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> float:
-    """The half-width r at which the loss at every ±r·d reaches ``factor`` x L(w).
+    """The half-width r of a symmetric range whose edges reach ``factor`` x L(w).
 
-    Doubles r from ``start`` (at most ``max_doublings`` times) so the plot shows the
-    basin and its walls whatever the scale of the directions.
+    Doubles r from ``start`` until L(w +- r d) >= factor L(w) for every direction d and
+    both signs (a NaN or infinite loss counts as reached), at most ``max_doublings``
+    times, so the plot shows the basin and its walls whatever the scale of the
+    directions. Evaluated as the surface will be (``batched``, ``bn_batches``).
     """
-    centre = objective.value()
-    target = factor * centre if centre > 0 else 1.0
+    evaluator = _PointEvaluator(objective, batched, bn_batches)
+    centre = float(evaluator(objective.w0[None])[0][0])
     r = start
     for _ in range(max_doublings):
-        edges = torch.stack([objective.w0 + s * r * d for d in directions for s in (-1, 1)])
-        losses, _ = evaluate_points(objective, edges)
-        if np.nanmin(losses) >= target:
+        edges = torch.stack(
+            [objective.w0 + s * r * d.to(objective.w0) for d in directions for s in (-1.0, 1.0)]
+        )
+        losses = evaluator(edges)[0]
+        losses = np.where(np.isnan(losses), np.inf, losses)
+        if losses.min() >= factor * centre:
             break
         r *= 2
     return r
@@ -482,16 +896,43 @@ def auto_range(
 
 # --------------------------------------------------------------------------- from files
 
+_builtin_range = range  # ``range`` is a keyword argument of the two functions below
 
-def _objective_for(path: str, split, samples, batch_size, device, seed, model=None, data=None):
-    net, meta = load_checkpoint(path, model=model, data=data, device=device)
+
+def _evaluation_data(meta, path, split, samples, seed, device):
+    """(data set, (x, y) the fixed examples, loss function) a checkpoint is evaluated on."""
     if meta.get("data") is None:
-        raise SharpscopeError(f"{path}: no data set recorded; name one with --data")
+        raise SharpscopeError(f"{path}: no data set recorded in the checkpoint")
     dataset = load_dataset(meta["data"]).to(device)
     loss_fn = get_loss((meta.get("config") or {}).get("loss", "ce"))
-    x, y = dataset.examples(split, samples, seed=seed)
-    obj = Objective(net, (x, y), loss_fn, batch_size=batch_size, device=device)
-    return obj, dataset, meta
+    return dataset, dataset.examples(split, samples, seed=seed), loss_fn
+
+
+def _training_batches(dataset, samples, batch_size, seed) -> list:
+    """The BatchNorm recalibration data: ``samples`` fixed training examples in batches."""
+    x, y = dataset.examples("train", samples, seed=seed)
+    return [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, len(y), batch_size)]
+
+
+def _default_label(path: str, meta: dict[str, Any]) -> str:
+    optimizer = (meta.get("config") or {}).get("optimizer")
+    return str(optimizer).upper() if optimizer else os.path.basename(path)
+
+
+def _check_range(value: Any, name: str = "range") -> tuple[float, float] | str:
+    if value == "auto":
+        return "auto"
+    try:
+        low, high = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise SharpscopeError(f"{name} must be (LOW, HIGH) or 'auto', got {value!r}") from None
+    if not (math.isfinite(low) and math.isfinite(high) and low < high):
+        raise SharpscopeError(f"{name}: need finite LOW < HIGH, got {low} {high}")
+    return low, high
+
+
+def _dtype_name(t: torch.Tensor) -> str:
+    return str(t.dtype).replace("torch.", "")
 
 
 def landscape_for_checkpoint(
@@ -499,10 +940,10 @@ def landscape_for_checkpoint(
     *,
     dim: int = 1,
     points: int | tuple[int, int] = DEFAULT_POINTS,
-    range: tuple[float, float] | str = DEFAULT_RANGE,  # noqa: A002 - the CLI's name
+    range: tuple[float, float] | str | None = None,  # noqa: A002 - the CLI's name
     directions: str = "filter",
     seed: int = 0,
-    orthogonalize_d2: bool = False,
+    orthogonalize: bool = False,
     include_1d: bool = False,
     split: str = "train",
     samples: int | None = 1024,
@@ -513,61 +954,95 @@ def landscape_for_checkpoint(
     resume_path: str | None = None,
     save_directions: bool = False,
     label: str | None = None,
+    param_filter: ParamFilter = "all",
     batched: bool | None = None,
     progress: bool = False,
 ) -> Surface:
-    """The 1-D or 2-D landscape of the model in checkpoint ``path``.
+    """The 1-D or 2-D loss landscape of the model in checkpoint ``path``.
 
-    ``directions``: "filter" | "layer" | "none" (seeded Gaussian directions with that
-    normalization), "hessian" (top eigenvectors, unit norm) or "pca" (top principal
-    components of the run's trajectory, ``trajectory`` = run folder; default the
-    checkpoint's folder). ``points`` is n, or (nx, ny) for a non-square 2-D grid;
-    ``range`` is (low, high) or "auto".
+    Args:
+        dim: 1 (L(w + a d1), arrays (nx,)) or 2 (L(w + a d1 + b d2), arrays (ny, nx),
+            rows = d2).
+        points: n per axis, or (nx, ny) for a non-square 2-D grid.
+        range: (low, high) for every axis; "auto" (:func:`auto_range`; for "pca" the
+            trajectory's extent plus 20%); None: (-1, 1) for random directions (Li et
+            al. 2018), "auto" for "hessian" and "pca", whose unit-norm directions have
+            no natural scale.
+        directions: "filter" (default, Li et al. 2018), "layer" or "none": normalizations
+            of seeded Gaussian directions (:func:`random_direction`; d1 and d2 are draws
+            0 and 1 of ``seed``); "hessian": the top-``dim`` Hessian eigenvectors (unit
+            norm); "pca": the top-2 principal components of the run's trajectory
+            (``trajectory`` = the run folder; default: the checkpoint's folder).
+        seed: the directions' seed, also the seed of the fixed example subset.
+        orthogonalize: 2-D only: make d2 orthogonal to d1, after normalization; the
+            settings record cos(d1, d2) as used.
+        include_1d: perturb 1-D parameters (biases, normalization affine) too.
+        split, samples, batch_size: which examples L is evaluated on.
+        bn_recalibrate: recompute BatchNorm statistics at every point on ``samples``
+            training examples (``torch.optim.swa_utils.update_bn``); default eval mode
+            with the checkpoint's running statistics.
+        resume_path: partial file for an interrupted run (see :func:`surface_2d`).
+        save_directions: keep d1 (and d2) in the surface (saved in the .npz).
+        batched: vmap over stacked weights (True), one point at a time (False), or
+            automatic (None; see :func:`evaluate_points`).
+
+    The settings record everything needed to remake the surface: checkpoint, label,
+    split, n_examples, seed, directions, normalization, include_1d, orthogonalize,
+    cos_d1_d2, bn, range, points, dtype, and a fingerprint of w and the directions.
     """
     if dim not in (1, 2):
-        raise SharpscopeError(f"--dim must be 1 or 2, got {dim}")
+        raise SharpscopeError(f"dim must be 1 or 2, got {dim}")
     if directions not in DIRECTIONS:
         raise SharpscopeError(f"unknown directions {directions!r}: choose {', '.join(DIRECTIONS)}")
-    nx, ny = (points, points) if isinstance(points, int) else points
+    nx, ny = (points, points) if isinstance(points, int) else tuple(points)
     if min(nx, ny) < 1:
-        raise SharpscopeError("a landscape needs at least 1 point along each axis")
-    obj, dataset, meta = _objective_for(path, split, samples, batch_size, device, seed)
+        raise SharpscopeError(f"a landscape needs at least 1 point per axis, got {points}")
+    if range is None:
+        range = "auto" if directions in ("hessian", "pca") else DEFAULT_RANGE
+    range = _check_range(range)
+    if trajectory is not None and directions != "pca":
+        raise SharpscopeError("a trajectory applies to directions='pca' only")
+    if orthogonalize and dim != 2:
+        raise SharpscopeError("orthogonalize applies to 2-D landscapes (two directions)")
+    net, meta = load_checkpoint(path, device=device)
+    dataset, examples, loss_fn = _evaluation_data(meta, path, split, samples, seed, device)
+    obj = Objective(
+        net, examples, loss_fn, batch_size=batch_size, device=device, param_filter=param_filter
+    )
+    bn_batches = _training_batches(dataset, samples, batch_size, seed) if bn_recalibrate else None
     extra: dict[str, Any] = {}
     traj = None
     if directions in NORMALIZATIONS:
-        raw1 = raw_direction(obj.layout, seed, obj.w0.dtype, obj.device)
-        raw2 = raw_direction(obj.layout, seed + 1, obj.w0.dtype, obj.device)
-        d1 = normalize_direction(raw1, obj.w0, obj.layout, directions, include_1d)
-        d2 = normalize_direction(raw2, obj.w0, obj.layout, directions, include_1d)
+        raws = [
+            raw_direction(obj.layout, seed, obj.w0.dtype, obj.device, index=i)
+            for i in _builtin_range(dim)
+        ]
+        ds = [normalize_direction(r, obj.w0, obj.layout, directions, include_1d) for r in raws]
     elif directions == "hessian":
-        from .hessian import hessian_eigenvalues
-
-        eig = hessian_eigenvalues(obj, k=dim, return_eigenvectors=True, seed=seed)
-        d1 = eig.eigenvectors[0].to(obj.w0.dtype)
-        d2 = eig.eigenvectors[-1].to(obj.w0.dtype)
-        extra["hessian_eigenvalues"] = list(eig.eigenvalues)
+        ds, eigenvalues = hessian_directions(obj, k=dim, seed=seed)
+        extra["hessian_eigenvalues"] = eigenvalues
     else:
         run_dir = trajectory or os.path.dirname(os.path.abspath(path))
         d1, d2, traj, explained = trajectory_directions(run_dir, obj)
+        ds = [d1, d2][:dim]
+        extra["trajectory_dir"] = str(run_dir)
+        extra["trajectory_steps"] = [
+            int(_STEP.search(p)[1]) for p in trajectory_checkpoints(run_dir)
+        ]
         extra["explained_variance"] = explained
-        extra["trajectory_dir"] = run_dir
-    if dim == 2 and orthogonalize_d2:
-        d2 = orthogonalize(d1, d2)
-    if range == "auto" and traj is not None:  # PCA: the plane around the trajectory
-        half = 1.2 * float(np.abs(traj).max())
+        if dim == 1:
+            traj = None  # a path on a plane; a 1-D curve has no room for it
+    if dim == 2 and orthogonalize:
+        ds[1] = _orthogonalize(ds[0], ds[1])
+    if range == "auto" and directions == "pca" and dim == 2:
+        half = TRAJECTORY_MARGIN * float(np.abs(traj).max())
         low, high = -half, half
     elif range == "auto":
-        half = auto_range(obj, [d1] if dim == 1 else [d1, d2])
+        half = auto_range(obj, ds, batched=batched, bn_batches=bn_batches)
         low, high = -half, half
+        extra["auto_factor"] = AUTO_FACTOR
     else:
         low, high = range
-    bn_batches = None
-    if bn_recalibrate:
-        xt, yt = dataset.examples("train", samples, seed=seed)
-        bn_batches = [
-            (xt[i : i + batch_size], yt[i : i + batch_size])
-            for i in builtins_range(0, len(yt), batch_size)
-        ]
     settings = {
         "checkpoint": str(path),
         "label": label or _default_label(path, meta),
@@ -576,13 +1051,15 @@ def landscape_for_checkpoint(
         "seed": seed,
         "directions": directions,
         "normalization": directions if directions in NORMALIZATIONS else "unit",
-        "include_1d": include_1d,
-        "orthogonalize": orthogonalize_d2,
-        "cos_d1_d2": cosine(d1, d2) if dim == 2 else None,
+        "include_1d": include_1d if directions in NORMALIZATIONS else None,
+        "orthogonalize": orthogonalize,
+        "cos_d1_d2": cosine(ds[0], ds[1]) if dim == 2 else None,
         "bn": "recalibrate" if bn_recalibrate else "eval",
         "range": [low, high],
+        "range_mode": "auto" if range == "auto" else "fixed",
         "points": [nx, ny] if dim == 2 else nx,
-        "dtype": str(obj.w0.dtype).replace("torch.", ""),
+        "dtype": _dtype_name(obj.w0),
+        "n_params": obj.numel,
         "param_filter": obj.param_filter,
         "loss_function": (meta.get("config") or {}).get("loss", "ce"),
         "model": meta.get("model"),
@@ -591,132 +1068,101 @@ def landscape_for_checkpoint(
     }
     common = {
         "settings": settings,
+        "resume_path": resume_path,
         "batched": batched,
         "bn_batches": bn_batches,
         "progress": progress,
     }
     if dim == 1:
-        surface = surface_1d(obj, d1, grid_coordinates(low, high, nx), **common)
+        surface = surface_1d(obj, ds[0], grid_coordinates(low, high, nx), **common)
     else:
-        surface = surface_2d(
-            obj,
-            d1,
-            d2,
-            grid_coordinates(low, high, nx),
-            grid_coordinates(low, high, ny),
-            resume_path=resume_path,
-            **common,
-        )
-    surface.trajectory = traj
+        ca, cb = grid_coordinates(low, high, nx), grid_coordinates(low, high, ny)
+        surface = surface_2d(obj, ds[0], ds[1], ca, cb, **common)
+    vectors = {}
     if save_directions:
-        surface.d1 = d1.cpu().numpy()
-        surface.d2 = d2.cpu().numpy() if dim == 2 else None
-    return surface
-
-
-builtins_range = range  # ``range`` is a keyword argument name above
-
-
-def _default_label(path: str, meta: dict[str, Any]) -> str:
-    optimizer = (meta.get("config") or {}).get("optimizer")
-    return str(optimizer).upper() if optimizer else os.path.basename(path)
-
-
-def interpolation(
-    model_a: nn.Module,
-    model_b: nn.Module,
-    data: Any,
-    ts: Sequence[float],
-    *,
-    include_buffers: bool = False,
-    loss_fn: Callable | None = None,
-    batch_size: int | None = None,
-    device: torch.device | str | None = None,
-    settings: dict[str, Any] | None = None,
-    progress: bool = False,
-) -> Surface:
-    """L((1 - t) w_A + t w_B) for t in ``ts`` (Goodfellow et al. 2015).
-
-    BatchNorm statistics are model A's unless ``include_buffers`` ("states"), when
-    floating-point buffers are interpolated with the same t.
-    """
-    obj_a = make_objective(model_a, data, loss_fn, batch_size=batch_size, device=device)
-    obj_b = Objective(model_b, (torch.zeros(1), torch.zeros(1)), device=obj_a.device)
-    if obj_a.layout.names != obj_b.layout.names or obj_a.layout.shapes != obj_b.layout.shapes:
-        raise SharpscopeError("the two checkpoints have different architectures")
-    wa, wb = obj_a.w0, obj_b.w0.to(obj_a.w0)
-    ts = np.asarray(ts, dtype=np.float64)
-    surface = Surface(
-        "interpolation",
-        ts,
-        None,
-        np.full(len(ts), np.nan),
-        np.full(len(ts), np.nan),
-        {"kind": "interpolation", "include_buffers": include_buffers, **(settings or {})},
-    )
-    bufs_a = dict(model_a.named_buffers())
-    bufs_b = dict(model_b.named_buffers())
-    for i, t in enumerate(tqdm(ts, desc="interpolation", disable=not progress, leave=False)):
-        w = (1 - t) * wa + t * wb
-        buffers = None
-        if include_buffers:
-            buffers = {
-                n: ((1 - t) * b + t * bufs_b[n].to(b)) if b.is_floating_point() else b
-                for n, b in bufs_a.items()
-            }
-        r = obj_a.evaluate(w, buffers)
-        surface.loss[i], surface.accuracy[i] = r["loss"], r["accuracy"]
-    return surface
+        vectors = {"d1": ds[0].cpu().numpy(), "d2": ds[1].cpu().numpy() if dim == 2 else None}
+    return dataclasses.replace(surface, trajectory=traj, **vectors)
 
 
 def interpolation_for_checkpoints(
     path_a: str,
     path_b: str,
     *,
-    points: int = DEFAULT_POINTS,
+    points: int = INTERPOLATION_POINTS,
     range: tuple[float, float] = INTERPOLATION_RANGE,  # noqa: A002 - the CLI's name
     include_buffers: bool = False,
+    bn_recalibrate: bool = False,
     split: str = "train",
     samples: int | None = 1024,
     batch_size: int = 512,
     device: torch.device | str = "cpu",
     seed: int = 0,
     labels: tuple[str, str] | None = None,
+    label: str | None = None,
+    param_filter: ParamFilter = "all",
+    resume_path: str | None = None,
+    batched: bool | None = None,
     progress: bool = False,
 ) -> Surface:
-    """The interpolation curve between the models in two checkpoints, on A's data."""
-    obj, _, meta_a = _objective_for(path_a, split, samples, batch_size, device, seed)
+    """The interpolation curve L((1 - t) w_A + t w_B) between two checkpoints.
+
+    Evaluated on A's data set (``split``, ``samples`` examples drawn with ``seed``).
+    The grid holds t = 0 and t = 1 exactly when the range contains them, so the curve's
+    ends are L(w_A) and L(w_B) (for BatchNorm networks: with ``include_buffers`` or
+    ``bn_recalibrate``; see :func:`interpolation`). ``labels``: the models' names
+    (default: their optimizers); ``label``: the curve's (default "A → B").
+    """
+    low, high = _check_range(range)
+    if points < 1:
+        raise SharpscopeError(f"an interpolation needs at least 1 point, got {points}")
+    if include_buffers and bn_recalibrate:
+        raise SharpscopeError("interpolate BatchNorm statistics or recalibrate them, not both")
+    model_a, meta_a = load_checkpoint(path_a, device=device)
     model_b, meta_b = load_checkpoint(path_b, device=device)
     if meta_a.get("model") != meta_b.get("model"):
         raise SharpscopeError(
             f"{path_a} and {path_b} have different architectures: nothing to interpolate"
         )
-    ts = grid_coordinates(range[0], range[1], points)
-    if range[0] <= 1 <= range[1]:
-        ts[np.argmin(np.abs(ts - 1))] = 1.0  # t = 1 exactly: the curve ends at L(w_B)
-    labels = labels or (_default_label(path_a, meta_a), _default_label(path_b, meta_b))
+    _check_same_architecture(
+        parameter_layout(model_a, param_filter), dict(model_b.named_parameters())
+    )
+    dataset, examples, loss_fn = _evaluation_data(meta_a, path_a, split, samples, seed, device)
+    ts = grid_coordinates(low, high, points)
+    if low <= 1 <= high:
+        i = int(np.argmin(np.abs(ts - 1)))
+        if ts[i] != 0.0:  # never move the t = 0 point (a grid of one or two points)
+            ts[i] = 1.0  # t = 1 exactly: the curve ends at w_B
+    labels = tuple(labels or (_default_label(path_a, meta_a), _default_label(path_b, meta_b)))
     settings = {
         "checkpoints": [str(path_a), str(path_b)],
-        "label": f"{labels[0]} → {labels[1]}",
+        "label": label or f"{labels[0]} → {labels[1]}",
         "labels": list(labels),
         "split": split,
-        "n_examples": obj.n_examples,
+        "n_examples": len(examples[1]),
         "seed": seed,
         "directions": "interpolation",
         "normalization": "none",
-        "range": list(range),
+        "range": [low, high],
         "points": points,
-        "dtype": str(obj.w0.dtype).replace("torch.", ""),
+        "param_filter": param_filter if isinstance(param_filter, str) else "custom",
+        "loss_function": (meta_a.get("config") or {}).get("loss", "ce"),
+        "model": meta_a.get("model"),
+        "data": meta_a.get("data"),
     }
-    data = [(x, y) for x, y in obj.batches]
+    bn_batches = _training_batches(dataset, samples, batch_size, seed) if bn_recalibrate else None
     return interpolation(
-        obj.model,
+        model_a,
         model_b,
-        data,
+        examples,
         ts,
         include_buffers=include_buffers,
-        loss_fn=obj.loss_fn,
+        bn_batches=bn_batches,
+        loss_fn=loss_fn,
+        batch_size=batch_size,
         device=device,
+        param_filter=param_filter,
         settings=settings,
+        resume_path=resume_path,
+        batched=batched,
         progress=progress,
     )

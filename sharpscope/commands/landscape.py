@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import sys
+from collections.abc import Iterator
 
 from .. import distributed
 from ..errors import SharpscopeError
 from ..landscape import (
     DEFAULT_POINTS,
-    DEFAULT_RANGE,
     DIRECTIONS,
+    INTERPOLATION_POINTS,
     INTERPOLATION_RANGE,
+    Surface,
     interpolation_for_checkpoints,
     landscape_for_checkpoint,
 )
@@ -26,8 +30,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="With one checkpoint: L(w + a d1) (--dim 1) or L(w + a d1 + b d2) "
         "(--dim 2) along filter-normalized Gaussian directions (Li et al. 2018) or the "
         "other --directions. With two: L((1 - t) w_A + t w_B) (Goodfellow et al. 2015). "
-        "Saves an .npz (coordinates, loss, accuracy, settings as JSON) for "
-        "`sharpscope plot`. An interrupted 2-D grid continues with --resume.",
+        "Saves an .npz (coordinates, loss, accuracy, settings as JSON, seed) for "
+        "`sharpscope plot`. An interrupted run keeps its finished points in "
+        "OUT.partial.npz; --resume continues from there.",
     )
     p.add_argument(
         "checkpoints", nargs="+", metavar="CHECKPOINT", help="one, or two to interpolate"
@@ -38,53 +43,61 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--points",
         type=int,
         nargs="+",
-        default=[DEFAULT_POINTS],
-        help="points per axis, or NX NY for a non-square grid (default: 51, Li et al. 2018)",
+        metavar="N",
+        help=f"points per axis, or NX NY for a non-square 2-D grid (default: {DEFAULT_POINTS} "
+        f"as Li et al. 2018; interpolation: {INTERPOLATION_POINTS} as their code's example)",
     )
     p.add_argument(
         "--range",
         nargs="+",
-        default=None,
         metavar="LOW HIGH",
-        help="coordinate range, or 'auto' to widen until the edge loss is 10x the "
-        "centre's (default: -1 1; interpolation: -0.5 1.5)",
+        help="coordinate range of every axis, or 'auto' to widen it until the edge loss is "
+        "10x the centre's (default: -1 1; auto for hessian and pca; interpolation: -0.5 1.5)",
     )
     p.add_argument(
         "--directions",
         choices=DIRECTIONS,
         default="filter",
-        help="filter (default), layer or none normalization of Gaussian directions; "
-        "hessian (top eigenvectors); pca (principal components of --trajectory)",
+        help="filter (default), layer or none: normalization of Gaussian directions; "
+        "hessian: top eigenvectors; pca: principal components of a training trajectory",
     )
     p.add_argument(
         "--trajectory",
         metavar="RUN_DIR",
-        help="run folder with trajectory/ checkpoints (train --save-every) for pca",
+        help="pca: the run folder whose trajectory/ holds checkpoints saved by "
+        "`sharpscope train --save-every N` (default: the checkpoint's folder)",
     )
-    p.add_argument("--seed", type=int, default=0, help="directions and examples (default: 0)")
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of the directions and examples (default: 0)"
+    )
     p.add_argument(
         "--orthogonalize",
         action="store_true",
-        help="make d2 orthogonal to d1 (after normalization)",
+        help="--dim 2: make d2 orthogonal to d1 (after normalization)",
     )
     p.add_argument(
-        "--include-1d", action="store_true", help="perturb biases and normalization parameters too"
+        "--include-1d",
+        action="store_true",
+        help="perturb biases and normalization parameters too (default: zero there)",
     )
     p.add_argument(
         "--bn-recalibrate",
         action="store_true",
-        help="recompute BatchNorm statistics on training data at every point",
+        help="recompute BatchNorm statistics on training data at every point "
+        "(torch.optim.swa_utils.update_bn; slower); default: eval mode",
     )
     p.add_argument(
         "--include-buffers",
         action="store_true",
-        help="interpolation: interpolate BatchNorm statistics too",
+        help="interpolation: interpolate BatchNorm statistics too (default: A's)",
     )
-    p.add_argument("--save-directions", action="store_true", help="store d1, d2 in the .npz")
+    p.add_argument(
+        "--save-directions", action="store_true", help="store the vectors d1, d2 in the .npz"
+    )
     p.add_argument(
         "--resume",
         action="store_true",
-        help="continue an interrupted 2-D grid from OUT.partial.npz",
+        help="continue an interrupted run from OUT.partial.npz",
     )
     p.add_argument("--label", help="legend label (default: the optimizer, from the checkpoint)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -93,23 +106,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _range(values: list[str] | None, default: tuple[float, float]):
+def partial_path(out: str) -> str:
+    """Where an unfinished run keeps its points: ``x.npz`` -> ``x.partial.npz``."""
+    return os.path.splitext(out)[0] + ".partial.npz"
+
+
+def _range(values: list[str] | None) -> tuple[float, float] | str | None:
     if values is None:
-        return default
+        return None
     if values == ["auto"]:
         return "auto"
     if len(values) != 2:
-        raise SharpscopeError("--range takes two numbers LOW HIGH, or auto")
+        raise SharpscopeError(f"--range takes LOW HIGH or auto, got {' '.join(values)}")
     try:
         low, high = float(values[0]), float(values[1])
     except ValueError:
         raise SharpscopeError(f"--range: not numbers: {' '.join(values)}") from None
     if not low < high:
-        raise SharpscopeError(f"--range: LOW must be below HIGH, got {low} {high}")
+        raise SharpscopeError(f"--range: LOW must be below HIGH, got {low:g} {high:g}")
     return low, high
 
 
-def run(args: argparse.Namespace) -> int:
+def _check_arguments(args: argparse.Namespace) -> None:
+    """Every usage error, before any checkpoint is read."""
     check_output_path(args.out)
     if not args.out.endswith(".npz"):
         raise SharpscopeError(f"--out must end in .npz, got {args.out}")
@@ -118,62 +137,142 @@ def run(args: argparse.Namespace) -> int:
     for path in args.checkpoints:
         if not os.path.isfile(path):
             raise SharpscopeError(f"{path}: no such file")
-    if any(n < 1 for n in args.points) or len(args.points) > 2:
-        raise SharpscopeError("--points takes one or two positive numbers")
+    points = args.points or []
+    if len(points) > 2 or any(n < 1 for n in points):
+        raise SharpscopeError(
+            f"--points takes one or two positive numbers, got {' '.join(map(str, points))}"
+        )
     if args.samples is not None and args.samples <= 0:
         raise SharpscopeError(f"--samples must be positive, got {args.samples}")
+    if args.batch_size <= 0:
+        raise SharpscopeError(f"--batch-size must be positive, got {args.batch_size}")
+    interpolating = len(args.checkpoints) == 2
+    if interpolating:
+        wrong = [
+            flag
+            for flag, given in (
+                ("--dim 2", args.dim != 1),
+                ("--directions", args.directions != "filter"),
+                ("--trajectory", args.trajectory is not None),
+                ("--orthogonalize", args.orthogonalize),
+                ("--include-1d", args.include_1d),
+                ("--save-directions", args.save_directions),
+                ("two --points", len(points) == 2),
+                ("--range auto", args.range == ["auto"]),
+            )
+            if given
+        ]
+        if wrong:
+            raise SharpscopeError(
+                f"{', '.join(wrong)}: not for an interpolation between two checkpoints"
+            )
+        if args.include_buffers and args.bn_recalibrate:
+            raise SharpscopeError("--include-buffers or --bn-recalibrate, not both")
+    else:
+        if args.include_buffers:
+            raise SharpscopeError("--include-buffers applies to an interpolation (two checkpoints)")
+        if len(points) == 2 and args.dim != 2:
+            raise SharpscopeError("two --points (NX NY) need --dim 2")
+        if args.orthogonalize and args.dim != 2:
+            raise SharpscopeError("--orthogonalize needs --dim 2 (two directions)")
+        if args.trajectory is not None and args.directions != "pca":
+            raise SharpscopeError("--trajectory goes with --directions pca")
+    partial = partial_path(args.out)
+    if os.path.exists(partial) and not args.resume:
+        raise SharpscopeError(
+            f"{partial} holds an unfinished run: add --resume to continue it, "
+            "or delete it to start over"
+        )
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """Turn SIGTERM (``kill``) into KeyboardInterrupt meanwhile, so that an interrupted
+    grid saves its finished points like Ctrl-C does."""
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run(args: argparse.Namespace) -> int:
+    _check_arguments(args)  # every rank: reads only, before the process group exists
     device = distributed.init_from_environment(resolve_device(args.device))
     progress = not args.quiet and sys.stderr.isatty() and distributed.is_main_process()
-    if len(args.checkpoints) == 2:
-        rng = _range(args.range, INTERPOLATION_RANGE)
-        if rng == "auto":
-            raise SharpscopeError("--range auto applies to directions, not interpolation")
-        surface = interpolation_for_checkpoints(
-            *args.checkpoints,
-            points=args.points[0],
-            range=rng,
-            include_buffers=args.include_buffers,
-            split=args.split,
-            samples=args.samples,
-            batch_size=args.batch_size,
-            device=device,
-            seed=args.seed,
-            progress=progress,
-        )
-    else:
-        partial = args.out + ".partial.npz"
-        if not args.resume and os.path.exists(partial) and distributed.is_main_process():
-            os.remove(partial)  # not resuming: the grid starts over
-        surface = _surface(args, device, progress, partial)
-    if distributed.is_main_process():
-        surface.save(args.out)
-        finite = surface.loss[surface.loss == surface.loss]
-        print(
-            f"wrote {args.out}: {surface.kind} landscape, {surface.loss.size} points, "
-            f"loss {finite.min():.4g} to {finite.max():.4g}"
-        )
+    partial = partial_path(args.out)
+    try:
+        with _sigterm_interrupts():
+            surface = _compute(args, device, progress, partial)
+        if distributed.is_main_process():
+            surface.save(args.out)
+            print(_summary(args.out, surface))
+    except KeyboardInterrupt:
+        if distributed.is_main_process() and os.path.exists(partial):
+            print(
+                f"sharpscope landscape: finished points kept in {partial}; "
+                "run the same command with --resume to continue",
+                file=sys.stderr,
+            )
+        raise
+    finally:
+        if distributed.launched_by_torchrun():
+            # Leave the process group before exit: a gloo group torn down by the
+            # interpreter's exit can abort the process ("terminate called ...").
+            distributed.shutdown()
     return 0
 
 
-def _surface(args: argparse.Namespace, device, progress: bool, partial: str):
-    points = args.points[0] if len(args.points) == 1 else tuple(args.points)
+def _compute(args: argparse.Namespace, device, progress: bool, partial: str) -> Surface:
+    common = {
+        "split": args.split,
+        "samples": args.samples,
+        "batch_size": args.batch_size,
+        "device": device,
+        "seed": args.seed,
+        "bn_recalibrate": args.bn_recalibrate,
+        "label": args.label,
+        "resume_path": partial,
+        "progress": progress,
+    }
+    if len(args.checkpoints) == 2:
+        return interpolation_for_checkpoints(
+            *args.checkpoints,
+            points=args.points[0] if args.points else INTERPOLATION_POINTS,
+            range=_range(args.range) or INTERPOLATION_RANGE,
+            include_buffers=args.include_buffers,
+            **common,
+        )
+    points = args.points or [DEFAULT_POINTS]
     return landscape_for_checkpoint(
         args.checkpoints[0],
         dim=args.dim,
-        points=points,
-        range=_range(args.range, DEFAULT_RANGE),
+        points=points[0] if len(points) == 1 else (points[0], points[1]),
+        range=_range(args.range),
         directions=args.directions,
-        seed=args.seed,
-        orthogonalize_d2=args.orthogonalize,
+        orthogonalize=args.orthogonalize,
         include_1d=args.include_1d,
-        split=args.split,
-        samples=args.samples,
-        batch_size=args.batch_size,
-        device=device,
-        bn_recalibrate=args.bn_recalibrate,
         trajectory=args.trajectory,
-        resume_path=partial if distributed.is_main_process() else None,
         save_directions=args.save_directions,
-        label=args.label,
-        progress=progress,
+        **common,
     )
+
+
+def _summary(out: str, surface: Surface) -> str:
+    finite = surface.loss[surface.loss == surface.loss]
+    shape = "x".join(str(n) for n in surface.loss.shape[::-1])
+    line = f"wrote {out}: {surface.kind} landscape, {shape} points"
+    if finite.size:
+        line += f", loss {finite.min():.4g} to {finite.max():.4g}"
+    cos = surface.settings.get("cos_d1_d2")
+    if cos is not None:
+        line += f", cos(d1, d2) = {cos:.2g}"
+    return line
