@@ -8,9 +8,21 @@ from .checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from .data import Dataset, load_dataset
 from .errors import SharpscopeError
 from .hessian import hessian_density, hessian_eigenvalues, hessian_trace
-from .measure import measure, measure_checkpoint
+from .landscape import (
+    Surface,
+    interpolation,
+    interpolation_for_checkpoints,
+    landscape_for_checkpoint,
+    load_surface,
+    random_direction,
+    surface_1d,
+    surface_2d,
+)
+from .measure import format_table, measure, measure_checkpoint
 from .models import build_model, model_spec
 from .objective import Objective
+from .plots import plot_1d, plot_2d
+from .report import compare_checkpoints, demo
 from .sam import GSAM, SAM, bn_running_stats_frozen, rho_from_lr
 from .sharpness import average_sharpness, sharpness
 from .train import TrainConfig, train
@@ -28,8 +40,21 @@ __all__ = [
     "hessian_density",
     "hessian_eigenvalues",
     "hessian_trace",
+    "format_table",
     "measure",
     "measure_checkpoint",
+    "Surface",
+    "interpolation",
+    "interpolation_for_checkpoints",
+    "landscape_for_checkpoint",
+    "load_surface",
+    "random_direction",
+    "surface_1d",
+    "surface_2d",
+    "plot_1d",
+    "plot_2d",
+    "compare_checkpoints",
+    "demo",
     "sharpness",
     "Dataset",
     "Objective",

@@ -27,15 +27,17 @@ from dataclasses import dataclass
 from typing import Any
 
 import matplotlib
+import numpy as np
+from matplotlib import cm, colors, ticker
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")  # files only: no display needed, same output on every machine
+from .checkpoint import atomic_write
+from .errors import SharpscopeError
 
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib import colors, ticker  # noqa: E402
-
-from .checkpoint import atomic_write  # noqa: E402
-from .errors import SharpscopeError  # noqa: E402
+# Figures are made with matplotlib.figure.Figure directly, never through pyplot: no
+# GUI backend is needed, the output is the same on every machine, and importing
+# sharpscope leaves a notebook's backend (inline, widget) as the user set it.
 
 FORMATS = ("pdf", "png", "svg")
 STYLES = ("contour", "surface3d", "heatmap")
@@ -211,19 +213,16 @@ def figure_format(out: str | os.PathLike) -> str:
     return ext
 
 
-def save_figure(fig: plt.Figure, out: str | os.PathLike) -> None:
-    """Write ``fig`` to ``out`` atomically in the format of its extension; close it."""
+def save_figure(fig: Figure, out: str | os.PathLike) -> None:
+    """Write ``fig`` to ``out`` atomically in the format of its extension."""
     fmt = figure_format(out)
-    try:
-        atomic_write(out, lambda tmp: fig.savefig(tmp, format=fmt, dpi=PNG_DPI))
-    finally:
-        plt.close(fig)
+    atomic_write(out, lambda tmp: fig.savefig(tmp, format=fmt, dpi=PNG_DPI))
 
 
 @contextmanager
 def paper_style() -> Iterator[None]:
     """The rcParams of every sharpscope figure (fonts, line widths, font embedding)."""
-    with plt.rc_context(_RC):
+    with matplotlib.rc_context(_RC):
         yield
 
 
@@ -287,11 +286,14 @@ def plot_1d(
     width = _width(columns)
     with paper_style():
         if accuracy and columns == 1:
-            fig, axes = plt.subplots(2, 1, figsize=(width, 3.6), sharex=True, layout="constrained")
+            fig = Figure(figsize=(width, 3.6), layout="constrained")
+            axes = fig.subplots(2, 1, sharex=True)
         elif accuracy:
-            fig, axes = plt.subplots(1, 2, figsize=(width, 2.6), layout="constrained")
+            fig = Figure(figsize=(width, 2.6), layout="constrained")
+            axes = fig.subplots(1, 2)
         else:
-            fig, ax = plt.subplots(figsize=(width, 2.4), layout="constrained")
+            fig = Figure(figsize=(width, 2.4), layout="constrained")
+            ax = fig.subplots()
             axes = [ax]
         settings = surfaces[0].settings or {}
         for i, (s, name) in enumerate(zip(surfaces, names, strict=True)):
@@ -340,7 +342,7 @@ def _coordinate_ticks() -> ticker.Locator:
     return ticker.MaxNLocator(4, steps=[1, 2, 5, 10])
 
 
-def _mark_endpoints(ax: plt.Axes, endpoints: tuple[str, str]) -> None:
+def _mark_endpoints(ax: Axes, endpoints: tuple[str, str]) -> None:
     """The endpoints' names above t = 0 and t = 1 (interpolation plots)."""
     for t, name in zip((0.0, 1.0), endpoints, strict=True):
         ax.annotate(
@@ -401,7 +403,7 @@ def plot_2d(
     with paper_style():
         if style == "surface3d":
             panel = (width - 1.0) / n
-            fig = plt.figure(figsize=(width, 0.85 * panel + 0.4), layout="constrained")
+            fig = Figure(figsize=(width, 0.85 * panel + 0.4), layout="constrained")
             axes = [fig.add_subplot(1, n, i + 1, projection="3d") for i in range(n)]
             cax = None
         else:
@@ -455,7 +457,7 @@ _CBAR_PAD, _CBAR_WIDTH, _CBAR_LABEL = 0.1, 0.12, 0.55
 
 def _panel_grid(
     width: float, n: int, shared_y: bool, title: bool
-) -> tuple[plt.Figure, list[plt.Axes], plt.Axes]:
+) -> tuple[Figure, list[Axes], Axes]:
     """A row of ``n`` square panels and a colorbar axis exactly as tall as they are.
 
     Placed by hand, in inches: a layout engine sizes the colorbar to the panels'
@@ -466,7 +468,7 @@ def _panel_grid(
     panel = (width - _LEFT - right - (n - 1) * gap) / n
     top = _TOP + (0.2 if title else 0.0)
     height = _BOTTOM + panel + top
-    fig = plt.figure(figsize=(width, height))
+    fig = Figure(figsize=(width, height))
     axes = []
     for i in range(n):
         left = _LEFT + i * (panel + gap)
@@ -509,7 +511,7 @@ def _same_coords(surfaces: Sequence[Any]) -> bool:
 
 
 def _draw_panel(
-    ax: plt.Axes,
+    ax: Axes,
     surface: Any,
     grid: np.ndarray,
     scale: ColorScale,
@@ -587,4 +589,4 @@ def _draw_surface3d(ax: Any, a: np.ndarray, b: np.ndarray, shown: Any, scale: Co
     ax.view_init(elev=30, azim=-60)  # matplotlib's default view, stated so it is remade
     ax.tick_params(pad=-2)
     # The colorbar shows the value itself (log-scaled when the z axis is log10).
-    return plt.cm.ScalarMappable(norm=scale.norm(), cmap=COLORMAP)
+    return cm.ScalarMappable(norm=scale.norm(), cmap=COLORMAP)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import matplotlib.image
 import numpy as np
@@ -36,9 +38,7 @@ def captured(monkeypatch):
     """The figures plot functions would save, kept open for inspection."""
     figures = []
     monkeypatch.setattr(plots, "save_figure", lambda fig, out: figures.append(fig))
-    yield figures
-    for fig in figures:
-        plots.plt.close(fig)
+    return figures
 
 
 def assert_png_drawn(path) -> None:
@@ -188,6 +188,21 @@ def test_bad_plot_input_is_refused(tmp_path):
 
 
 # -- CLI -----------------------------------------------------------------------------
+def test_plotting_leaves_a_users_matplotlib_backend_alone(tmp_path):
+    # A notebook user's `import sharpscope` and plot calls must not switch the
+    # backend (inline, widget) nor go through pyplot's figure manager.
+    script = (
+        "import sys, matplotlib; matplotlib.use('svg'); import numpy as np; "
+        "import sharpscope as ss; "
+        "s = ss.Surface('1d', np.linspace(-1, 1, 5), None, np.arange(5.0), None, {}); "
+        f"ss.plot_1d([s], {str(tmp_path / 'c.png')!r}); "
+        "assert matplotlib.get_backend() == 'svg', matplotlib.get_backend(); "
+        "assert 'matplotlib.pyplot' not in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True)
+    assert_png_drawn(tmp_path / "c.png")
+
+
 def test_plot_command_writes_figures(tmp_path, capsys):
     bowl(8.0).save(str(tmp_path / "a.npz"))
     bowl(1.0).save(str(tmp_path / "b.npz"))

@@ -187,6 +187,17 @@ def run(args: argparse.Namespace) -> int:
     if args.labels and len(args.labels) != len(args.checkpoints):
         raise SharpscopeError("--labels needs one label per checkpoint")
     device = distributed.init_from_environment(resolve_device(args.device))
+    try:
+        _measure_all(args, settings, device)
+    finally:
+        if distributed.launched_by_torchrun():
+            # Leave the process group before exit: a gloo group torn down by the
+            # interpreter's exit can abort the process ("terminate called ...").
+            distributed.shutdown()
+    return 0
+
+
+def _measure_all(args: argparse.Namespace, settings: dict, device) -> None:
     settings["progress"] = settings["progress"] and distributed.is_main_process()
     options = {k: v for k, v in model_options_from_args(args).items() if v is not None}
     datasets: dict[str, Dataset] = {}  # checkpoints of one data set share it
@@ -217,4 +228,3 @@ def run(args: argparse.Namespace) -> int:
         print(format_table(documents, labels))
         if args.json:
             write_json(args.json, {"command": "measure", "labels": labels, "results": documents})
-    return 0
