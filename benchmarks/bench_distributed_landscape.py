@@ -2,8 +2,12 @@
 
 Trains the default digits model into a temporary folder, then times
 ``sharpscope landscape CKPT --dim 2`` alone and under
-``python -m torch.distributed.run --nproc_per_node 2`` (examples sharded over the two
-processes, sums all-reduced), checks the two grids agree, and prints the ratio.
+``python -m torch.distributed.run --nproc_per_node 2`` in both ways of splitting the
+work: ``--distribute points`` (the default: each process evaluates half the grid
+points on all the examples) and ``--distribute examples`` (every point on both
+processes, each on half the examples, sums all-reduced); checks the grids agree with
+the one-process grid and prints the ratios. The process start (import torch, join the
+group, load the checkpoint) is in every timing.
 
     python benchmarks/bench_distributed_landscape.py [--quick]
 """
@@ -50,37 +54,41 @@ def main() -> None:
             tmp + "/run/checkpoint.pt",
             "--dim",
             "2",
-            "--points",
-            points,
             "--samples",
             samples,
             "--quiet",
         ]
-        timings = {}
-        for n in (1, 2):
-            out = f"{tmp}/grid{n}.npz"
+
+        def run(mode: str, grid_points: str) -> tuple[float, np.ndarray]:
+            out = f"{tmp}/{mode}{grid_points}.npz"
             command = [sys.executable]
-            if n > 1:
-                command += [
-                    "-m",
-                    "torch.distributed.run",
-                    "--nproc_per_node",
-                    str(n),
-                    "--master_addr",
-                    "127.0.0.1",
-                    "--master_port",
-                    str(free_port()),
-                ]
-            command += common
+            if mode != "one":
+                command += ["-m", "torch.distributed.run", "--nproc_per_node", "2"]
+                command += ["--master_addr", "127.0.0.1", "--master_port", str(free_port())]
+            command += common + ["--points", grid_points, "--out", out]
+            command += [] if mode == "one" else ["--distribute", mode]
             start = time.perf_counter()
-            subprocess.run(command + ["--out", out], check=True, env=env, stdout=subprocess.DEVNULL)
-            timings[n] = time.perf_counter() - start
-        a, b = load_surface(f"{tmp}/grid1.npz").loss, load_surface(f"{tmp}/grid2.npz").loss
+            subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL)
+            return time.perf_counter() - start, load_surface(out).loss
+
+        timings, grids, fixed = {}, {}, {}
+        for mode in ("one", "points", "examples"):
+            timings[mode], grids[mode] = run(mode, points)
+            fixed[mode], _ = run(mode, "1")  # start, group, checkpoint, 1 point
         print(
-            f"{points}x{points} grid on {samples} examples: 1 process {timings[1]:.1f} s, "
-            f"2 processes {timings[2]:.1f} s; ratio 1/2 = {timings[1] / timings[2]:.2f}; "
-            f"max |difference| {np.abs(a - b).max():.1e}"
+            f"{points}x{points} grid on {samples} examples, 1 process: {timings['one']:.1f} s "
+            f"({fixed['one']:.1f} s of it to start and evaluate 1 point)"
         )
+        for mode in ("points", "examples"):
+            grid_one = timings["one"] - fixed["one"]
+            grid_two = timings[mode] - fixed[mode]
+            print(
+                f"2 processes, --distribute {mode}: {timings[mode]:.1f} s "
+                f"({fixed[mode]:.1f} s to start); "
+                f"ratio 1/2 = {timings['one'] / timings[mode]:.2f}, "
+                f"grid alone {grid_one / grid_two:.2f}; "
+                f"max |difference| {np.abs(grids[mode] - grids['one']).max():.1e}"
+            )
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ LOCAL_RANK and the rendezvous variables; :func:`init_from_environment` joins the
 process group (NCCL on CUDA, gloo on the CPU) and picks this process's device.
 Analyses then need nothing else: an :class:`~sharpscope.objective.Objective`
 built inside a process group shards its examples and all-reduces its sums, so
-every rank sees full-data L, gradients and HVPs. Only rank 0 writes files and prints.
+every rank sees full-data L, gradients and HVPs; a landscape grid instead deals its
+points out to the ranks (sharpscope/landscape.py). Only rank 0 writes files and prints.
 ``sharpscope train`` wraps its model in DistributedDataParallel (sharpscope/train.py);
 the helpers below are what it needs besides: rank 0 deciding for all
 (:func:`on_main`), BatchNorm buffers from rank 0, and one all-reduce of many tensors.

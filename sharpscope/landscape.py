@@ -80,8 +80,17 @@ VMAP_MAX_PARAMS = 1_000_000
 # A 2-D grid's partial file is rewritten at most this often (seconds): a kill loses at
 # most this much work, and writing a few-kB .npz costs nothing at that rate.
 PARTIAL_SAVE_SECONDS = 10.0
+# Grid points split over torchrun ranks: chunks each rank evaluates between two
+# all-reduces of the results (a few kB for a 51 x 51 grid; rank 0 can save only what
+# has been summed).
+SPLIT_ROUND_CHUNKS = 8
 # Settings that may differ between an interrupted run and the one that resumes it.
-_RESUME_IGNORED = ("label", "labels", "evaluation")
+_RESUME_IGNORED = ("label", "labels", "evaluation", "processes", "distribute")
+# Under torchrun: "points" deals the grid points out to the ranks, each evaluating its
+# points on all the examples (no communication per point; the default); "examples"
+# evaluates every point on all ranks, each on its shard of the examples, sums
+# all-reduced (for evaluation sets too large for one device).
+DISTRIBUTE = ("points", "examples")
 
 
 # --------------------------------------------------------------------------- directions
@@ -641,7 +650,10 @@ def _run_grid(
     evaluated (never all at once: 2601 copies of w would not fit for a large model).
     With ``resume_path``: finished points are read from it first, and it is rewritten
     every PARTIAL_SAVE_SECONDS and on any interruption (by rank 0 only); it is removed
-    once the grid is complete.
+    once the grid is complete. Under a process group with an evaluator whose objective
+    is not distributed, the points are split over the ranks and the results summed
+    (every rank ends with the whole surface); with a distributed (example-sharded)
+    objective every rank evaluates every point.
     """
     done = np.zeros(surface.loss.shape, dtype=bool)
     if resume_path:
@@ -651,6 +663,7 @@ def _run_grid(
     todo = [p for p in points if not done[p[0]]]
     writer = bool(resume_path) and distributed.is_main_process()
     step = 1 if buffers_at is not None else evaluator.chunk
+    split = distributed.is_distributed() and not evaluator.objective.distributed
     bar = tqdm(
         total=len(points),
         initial=len(points) - len(todo),
@@ -659,16 +672,51 @@ def _run_grid(
         leave=False,
     )
     last_save = time.monotonic()
+
+    def evaluate(chunk: list) -> tuple[np.ndarray, np.ndarray]:
+        W = torch.stack([weight_at(*coords) for _, coords in chunk])
+        buffers = buffers_at(*chunk[0][1]) if buffers_at is not None else None
+        return evaluator(W, buffers)
+
+    def rounds():
+        """Lists of (index, loss, accuracy) finished together, the same on every rank."""
+        if not split:  # one process, or every rank evaluating every point on its shard
+            for start in range(0, len(todo), step):
+                chunk = todo[start : start + step]
+                loss, acc = evaluate(chunk)
+                yield [(p[0], lv, av) for p, lv, av in zip(chunk, loss, acc, strict=True)]
+            return
+        # The points dealt out round-robin, each rank evaluating its own on all the
+        # examples; after every round of SPLIT_ROUND_CHUNKS chunks per rank the results
+        # are summed over the ranks (each point has one owner, the others add exact
+        # zeros), so rank 0 saves and shows what all have done.
+        mine = todo[distributed.rank() :: distributed.world_size()]
+        per_round = step * SPLIT_ROUND_CHUNKS
+        longest = -(-len(todo) // distributed.world_size())
+        for start in range(0, longest, per_round):
+            part = mine[start : start + per_round]
+            table = torch.zeros(3, done.size, dtype=torch.float64)
+            for c in range(0, len(part), step):
+                chunk = part[c : c + step]
+                flat = [np.ravel_multi_index(idx, done.shape) for idx, _ in chunk]
+                loss, acc = evaluate(chunk)
+                table[0, flat] = torch.from_numpy(np.asarray(loss, dtype=np.float64))
+                table[1, flat] = torch.from_numpy(np.asarray(acc, dtype=np.float64))
+                table[2, flat] = 1.0
+            table = table.to(evaluator.objective.device)  # NCCL sums CUDA tensors only
+            distributed.all_reduce_sum_([table])
+            table = table.cpu().numpy()
+            yield [
+                (np.unravel_index(f, done.shape), table[0, f], table[1, f])
+                for f in np.flatnonzero(table[2])
+            ]
+
     try:
-        for start in range(0, len(todo), step):
-            chunk = todo[start : start + step]
-            W = torch.stack([weight_at(*coords) for _, coords in chunk])
-            buffers = buffers_at(*chunk[0][1]) if buffers_at is not None else None
-            loss, acc = evaluator(W, buffers)
-            for (idx, _), lv, av in zip(chunk, loss, acc, strict=True):
+        for finished in rounds():
+            for idx, lv, av in finished:
                 surface.loss[idx], surface.accuracy[idx] = lv, av
                 done[idx] = True  # last: an interruption never marks a point half-written
-            bar.update(len(chunk))
+            bar.update(len(finished))
             if writer and time.monotonic() - last_save >= PARTIAL_SAVE_SECONDS:
                 _save_partial(surface, done, resume_path)
                 last_save = time.monotonic()
@@ -796,6 +844,7 @@ def interpolation(
     settings: dict[str, Any] | None = None,
     resume_path: str | None = None,
     batched: bool | None = None,
+    distribute: str = "points",
     progress: bool = False,
 ) -> Surface:
     """L((1 - t) w_A + t w_B) and accuracy for t in ``ts`` (Goodfellow et al. 2015).
@@ -808,10 +857,12 @@ def interpolation(
     interpolates floating-point buffers with the same t (their "states"), so t = 1 is
     model B exactly; ``bn_batches`` recomputes them on training batches at every t
     (:class:`BatchNormRecalibrator`, as mode-connectivity papers do). Neither model is
-    modified.
+    modified. ``distribute``: under torchrun, split the points ("points") or the
+    examples ("examples") over the ranks (see DISTRIBUTE).
     """
     if include_buffers and bn_batches is not None:
         raise SharpscopeError("interpolate BatchNorm statistics or recalibrate them, not both")
+    _check_distribute(distribute)
     obj = make_objective(
         model_a,
         data,
@@ -819,6 +870,7 @@ def interpolation(
         batch_size=batch_size,
         device=device,
         param_filter=param_filter,
+        distributed=False if distribute == "points" else None,
     )
     layout = obj.layout
     params_b = dict(model_b.named_parameters())
@@ -846,7 +898,12 @@ def interpolation(
         "interpolation",
         ts,
         None,
-        {**(settings or {}), "include_buffers": include_buffers, "bn": bn},
+        {
+            **(settings or {}),
+            "include_buffers": include_buffers,
+            "bn": bn,
+            **_distribution(distribute),
+        },
         _fingerprint(wa, wb, ts),
     )
     points = [((i,), (float(t),)) for i, t in enumerate(ts)]
@@ -931,6 +988,19 @@ def _check_range(value: Any, name: str = "range") -> tuple[float, float] | str:
     return low, high
 
 
+def _check_distribute(distribute: str) -> None:
+    if distribute not in DISTRIBUTE:
+        choices = ", ".join(DISTRIBUTE)
+        raise SharpscopeError(f"distribute must be one of {choices}, got {distribute!r}")
+
+
+def _distribution(distribute: str) -> dict[str, Any]:
+    """How a surface was computed over processes (not part of what it is: a resumed run
+    may use other ones)."""
+    world = distributed.world_size()
+    return {"processes": world, "distribute": distribute if world > 1 else None}
+
+
 def _dtype_name(t: torch.Tensor) -> str:
     return str(t.dtype).replace("torch.", "")
 
@@ -956,6 +1026,7 @@ def landscape_for_checkpoint(
     label: str | None = None,
     param_filter: ParamFilter = "all",
     batched: bool | None = None,
+    distribute: str = "points",
     progress: bool = False,
 ) -> Surface:
     """The 1-D or 2-D loss landscape of the model in checkpoint ``path``.
@@ -985,6 +1056,9 @@ def landscape_for_checkpoint(
         save_directions: keep d1 (and d2) in the surface (saved in the .npz).
         batched: vmap over stacked weights (True), one point at a time (False), or
             automatic (None; see :func:`evaluate_points`).
+        distribute: under torchrun, split the grid points ("points", default) or the
+            examples ("examples") over the ranks (see DISTRIBUTE). Directions and the
+            automatic range are computed on example shards either way.
 
     The settings record everything needed to remake the surface: checkpoint, label,
     split, n_examples, seed, directions, normalization, include_1d, orthogonalize,
@@ -1004,6 +1078,7 @@ def landscape_for_checkpoint(
         raise SharpscopeError("a trajectory applies to directions='pca' only")
     if orthogonalize and dim != 2:
         raise SharpscopeError("orthogonalize applies to 2-D landscapes (two directions)")
+    _check_distribute(distribute)
     net, meta = load_checkpoint(path, device=device)
     dataset, examples, loss_fn = _evaluation_data(meta, path, split, samples, seed, device)
     obj = Objective(
@@ -1064,8 +1139,20 @@ def landscape_for_checkpoint(
         "loss_function": (meta.get("config") or {}).get("loss", "ce"),
         "model": meta.get("model"),
         "data": meta.get("data"),
+        **_distribution(distribute),
         **extra,
     }
+    if distribute == "points" and obj.distributed:
+        # The grid: each rank evaluates its share of the points on all the examples.
+        obj = Objective(
+            net,
+            examples,
+            loss_fn,
+            batch_size=batch_size,
+            device=device,
+            param_filter=param_filter,
+            distributed=False,
+        )
     common = {
         "settings": settings,
         "resume_path": resume_path,
@@ -1102,6 +1189,7 @@ def interpolation_for_checkpoints(
     param_filter: ParamFilter = "all",
     resume_path: str | None = None,
     batched: bool | None = None,
+    distribute: str = "points",
     progress: bool = False,
 ) -> Surface:
     """The interpolation curve L((1 - t) w_A + t w_B) between two checkpoints.
@@ -1164,5 +1252,6 @@ def interpolation_for_checkpoints(
         settings=settings,
         resume_path=resume_path,
         batched=batched,
+        distribute=distribute,
         progress=progress,
     )

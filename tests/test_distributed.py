@@ -2,11 +2,12 @@
 
 import os
 
+import numpy as np
 import pytest
 import torch
 
 from sharpscope.objective import Objective
-from tests.distributed_utils import run_distributed
+from tests.distributed_utils import run_distributed, torchrun_sharpscope
 
 
 def make_problem():
@@ -85,3 +86,89 @@ def test_distributed_hessian_sharpness_and_grid_equal_single_process(tmp_path):
         for key in ("eigs", "trace", "sharpness"):
             assert got[key] == pytest.approx(single[key], rel=1e-10), key
         assert abs(got["grid"] - single["grid"]).max() < 1e-12
+
+
+# -- landscape grid points split over the ranks ------------------------------------------------
+class _Interrupt(Exception):
+    pass
+
+
+def grid_split_on_ranks(rank, world, out_dir):
+    from sharpscope import landscape
+    from sharpscope.landscape import grid_coordinates, surface_2d
+
+    model, data, v = make_problem()
+    obj = Objective(model, data, batch_size=7, distributed=False)  # every rank: all examples
+    coords = grid_coordinates(-1, 1, 7)  # 49 points: 25 on rank 0, 24 on rank 1
+    calls = []
+    evaluate = obj.evaluate
+
+    def counted(w=None, buffers=None):
+        calls.append(1)
+        if stop_after is not None and len(calls) > stop_after:
+            raise KeyboardInterrupt  # as a Ctrl-C reaching every rank under torchrun
+        return evaluate(w, buffers)
+
+    obj.evaluate = counted
+    partial = os.path.join(out_dir, "grid.partial.npz")
+    # Interrupted in the third round of SPLIT_ROUND_CHUNKS points per rank: the first two
+    # rounds (4 x SPLIT_ROUND_CHUNKS points) were summed onto rank 0 and saved.
+    stop_after = 2 * landscape.SPLIT_ROUND_CHUNKS + 3
+    with pytest.raises(KeyboardInterrupt):
+        surface_2d(obj, v, torch.roll(v, 1), coords, coords, batched=False, resume_path=partial)
+    first = len(calls)
+    calls.clear()
+    stop_after = None
+    surface = surface_2d(
+        obj, v, torch.roll(v, 1), coords, coords, batched=False, resume_path=partial
+    )
+    torch.save(
+        {"loss": surface.loss, "accuracy": surface.accuracy, "calls": (first, len(calls))},
+        os.path.join(out_dir, f"split{rank}.pt"),
+    )
+
+
+def test_grid_points_split_over_ranks_resume_and_equal_one_process_bit_for_bit(tmp_path):
+    from sharpscope import landscape
+    from sharpscope.landscape import grid_coordinates, surface_2d
+
+    run_distributed(grid_split_on_ranks, 2, str(tmp_path))
+    model, data, v = make_problem()
+    obj = Objective(model, data, batch_size=7)
+    coords = grid_coordinates(-1, 1, 7)
+    single = surface_2d(obj, v, torch.roll(v, 1), coords, coords, batched=False)
+    saved = 2 * 2 * landscape.SPLIT_ROUND_CHUNKS  # two rounds on two ranks, kept by rank 0
+    results = [torch.load(tmp_path / f"split{r}.pt", weights_only=False) for r in range(2)]
+    for r, got in enumerate(results):
+        # Each point evaluated on all 25 examples by one rank: the one-process numbers.
+        assert (got["loss"] == single.loss).all() and (got["accuracy"] == single.accuracy).all()
+        first, second = got["calls"]
+        assert first == 2 * landscape.SPLIT_ROUND_CHUNKS + 3 + 1  # the call that raised
+        assert second == ((49 - saved) - r + 1) // 2  # only the rest, dealt out again
+    assert not (tmp_path / "grid.partial.npz").exists()  # removed once the grid is done
+
+
+def test_torchrun_landscape_equals_the_one_process_landscape(tmp_path):
+    from sharpscope import TrainConfig, train
+    from sharpscope.cli import main
+    from sharpscope.landscape import load_surface
+
+    config = TrainConfig(data="synthetic", train_subset=64, model="mlp", width=8, depth=1)
+    train(TrainConfig(**{**vars(config), "epochs": 1, "device": "cpu"}), tmp_path / "run")
+    ckpt = str(tmp_path / "run" / "checkpoint.pt")
+    grid = [ckpt, "--dim", "2", "--points", "6", "5", "--samples", "50", "--quiet"]
+    assert main(["landscape", *grid, "--out", str(tmp_path / "one.npz")]) == 0
+    one = load_surface(tmp_path / "one.npz")
+    for mode, exact in (("points", True), ("examples", False)):
+        out = tmp_path / f"{mode}.npz"
+        done = torchrun_sharpscope(["landscape", *grid, "--distribute", mode, "--out", str(out)])
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.count("wrote ") == 1  # rank 0 alone writes and prints
+        got = load_surface(out)
+        assert got.settings["processes"] == 2 and got.settings["distribute"] == mode
+        if exact:  # every point on all the examples by one process: the same sums
+            assert (got.loss == one.loss).all() and (got.accuracy == one.accuracy).all()
+        else:  # two half sums added: the same up to float32 summation order
+            np.testing.assert_allclose(got.loss, one.loss, rtol=1e-5)
+            assert (got.accuracy == one.accuracy).all()
+    assert sorted(os.listdir(tmp_path)) == ["examples.npz", "one.npz", "points.npz", "run"]

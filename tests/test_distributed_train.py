@@ -13,9 +13,7 @@ import importlib
 import json
 import math
 import os
-import socket
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -27,12 +25,11 @@ from sharpscope.checkpoint import read_checkpoint
 from sharpscope.data import data_spec, load_dataset
 from sharpscope.errors import SharpscopeError
 from sharpscope.train import TrainConfig, _Trainer, resolve_config, train
-from tests.distributed_utils import run_distributed
+from tests.distributed_utils import run_distributed, torchrun_sharpscope
 from tests.test_train import TINY, _grad, _norm, _params
 
 # the module (sharpscope.train the attribute is the function, re-exported by the package)
 train_module = importlib.import_module("sharpscope.train")
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORLD = 2
 # One float64 step: plain SGD (no momentum or decay) so that w' = w - lr * gradient.
 STEP = {**TINY, "batch_size": 16, "momentum": 0.0, "weight_decay": 0.0, "lr": 0.1}
@@ -452,24 +449,8 @@ def test_a_two_process_run_resumes_in_one_process(runs, capsys):
 
 
 # -- torchrun -----------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _torchrun(args: list[str]) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD)]
-    command += ["--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
-    return subprocess.run(
-        [*command, "-m", "sharpscope", "train", *args],
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return torchrun_sharpscope(["train", *args], WORLD)
 
 
 TORCHRUN = ["--data", "synthetic", "--train-subset", "64", "--model", "mlp"]

@@ -14,6 +14,7 @@ from ..errors import SharpscopeError
 from ..landscape import (
     DEFAULT_POINTS,
     DIRECTIONS,
+    DISTRIBUTE,
     INTERPOLATION_POINTS,
     INTERPOLATION_RANGE,
     Surface,
@@ -98,6 +99,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--resume",
         action="store_true",
         help="continue an interrupted run from OUT.partial.npz",
+    )
+    p.add_argument(
+        "--distribute",
+        choices=DISTRIBUTE,
+        default="points",
+        help="under torchrun: deal the grid points out to the processes, each evaluating "
+        "on all the examples (default), or shard the examples and evaluate every point "
+        "on every process (for evaluation sets too large for one device)",
     )
     p.add_argument("--label", help="legend label (default: the optimizer, from the checkpoint)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -241,6 +250,7 @@ def _compute(args: argparse.Namespace, device, progress: bool, partial: str) -> 
         "bn_recalibrate": args.bn_recalibrate,
         "label": args.label,
         "resume_path": partial,
+        "distribute": args.distribute,
         "progress": progress,
     }
     if len(args.checkpoints) == 2:
