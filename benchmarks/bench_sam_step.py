@@ -7,6 +7,7 @@ from other processes affects both alike.
 
     python benchmarks/bench_sam_step.py            # a few hundred steps per case
     python benchmarks/bench_sam_step.py --quick    # a smoke run
+    python benchmarks/bench_sam_step.py --device cuda   # adds full ResNet-18, batch 128
 """
 
 from __future__ import annotations
@@ -21,14 +22,14 @@ from sharpscope.data import Dataset, load_dataset
 from sharpscope.train import TrainConfig, _Trainer, resolve_config
 
 
-def _dataset(name: str, batch: int) -> Dataset:
+def _dataset(name: str, batch: int, device: torch.device) -> Dataset:
     if name == "digits":
-        return load_dataset("digits")
+        return load_dataset("digits").to(device)
     # CIFAR-shaped random images: timing does not depend on their content.
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 3, 32, 32, generator=g)
     y = torch.randint(10, (batch,), generator=g)
-    return Dataset("cifar-shaped", x, y, x[:2], y[:2], 10)
+    return Dataset("cifar-shaped", x, y, x[:2], y[:2], 10).to(device)
 
 
 def _trainer(case: dict, optimizer: str, device: torch.device) -> _Trainer:
@@ -36,7 +37,7 @@ def _trainer(case: dict, optimizer: str, device: torch.device) -> _Trainer:
     if optimizer == "sgd":
         options.pop("m", None)
     c = resolve_config(TrainConfig(optimizer=optimizer, device=str(device), **options))
-    return _Trainer(c, _dataset(case["data"], options["batch_size"]), device)
+    return _Trainer(c, _dataset(case["data"], options["batch_size"], device), device)
 
 
 def _time_step(t: _Trainer, x: torch.Tensor, y: torch.Tensor, step: int) -> float:
@@ -65,6 +66,20 @@ CASES = [
         "config": {"model": "resnet18", "width": 16, "batch_size": 32},
     },
 ]
+# Issue 5's GPU figure: the full ResNet-18 (CIFAR variant) at batch 128, in float32 and
+# in bf16 autocast (the default on CUDA). Too slow for a CPU benchmark.
+CUDA_CASES = [
+    {
+        "name": "resnet18 / CIFAR-shaped, batch 128",
+        "data": "cifar",
+        "config": {"model": "resnet18", "batch_size": 128},
+    },
+    {
+        "name": "resnet18 / CIFAR-shaped, batch 128, bf16",
+        "data": "cifar",
+        "config": {"model": "resnet18", "batch_size": 128, "amp": "bf16"},
+    },
+]
 
 
 def main() -> None:
@@ -79,7 +94,7 @@ def main() -> None:
     steps = args.steps or (5 if args.quick else 50)
     print(f"device {device}, {torch.get_num_threads()} thread(s), {steps} timed steps each")
     print(f"{'case':48s} {'SGD ms':>8s} {'SAM ms':>8s} {'SAM/SGD':>8s}")
-    for case in CASES:
+    for case in CASES + (CUDA_CASES if device.type == "cuda" else []):
         sgd, sam = _trainer(case, "sgd", device), _trainer(case, "sam", device)
         sam.model.load_state_dict(sgd.model.state_dict())
         x, y = sgd.batch(0, 0, 0)
