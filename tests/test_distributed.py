@@ -172,3 +172,27 @@ def test_torchrun_landscape_equals_the_one_process_landscape(tmp_path):
             np.testing.assert_allclose(got.loss, one.loss, rtol=1e-5)
             assert (got.accuracy == one.accuracy).all()
     assert sorted(os.listdir(tmp_path)) == ["examples.npz", "one.npz", "points.npz", "run"]
+
+
+def test_torchrun_measure_equals_the_one_process_measure(tmp_path):
+    import json
+
+    from sharpscope import TrainConfig, train
+    from sharpscope.cli import main
+
+    config = TrainConfig(data="synthetic", train_subset=64, model="mlp", width=8, depth=1)
+    train(TrainConfig(**{**vars(config), "epochs": 1, "device": "cpu"}), tmp_path / "run")
+    args = [str(tmp_path / "run" / "checkpoint.pt"), "--samples", "50", "--batch-size", "16"]
+    args += ["--steps", "5", "--trace-samples", "10", "--quiet", "--device", "cpu"]
+    assert main(["measure", *args, "--json", str(tmp_path / "one.json")]) == 0
+    done = torchrun_sharpscope(["measure", *args, "--json", str(tmp_path / "two.json")])
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("train loss") == 1  # one table, from rank 0
+    one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    a, b = one["results"][0], two["results"][0]
+    assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+    assert b["accuracy"] == a["accuracy"]
+    assert b["sharpness"][0]["value"] == pytest.approx(a["sharpness"][0]["value"], rel=1e-3)
+    eig_a, eig_b = a["hessian"]["eigenvalues"], b["hessian"]["eigenvalues"]
+    assert eig_b == pytest.approx(eig_a, rel=1e-4)
+    assert b["hessian"]["trace"]["value"] == pytest.approx(a["hessian"]["trace"]["value"], rel=1e-4)
