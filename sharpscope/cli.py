@@ -56,6 +56,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SharpscopeError as exc:
         print(f"sharpscope {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a path that cannot be written or read, a full disk
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"sharpscope {args.command}: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"sharpscope {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -55,7 +55,9 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, fields
 from typing import Any
@@ -200,6 +202,11 @@ def resolve_config(config: TrainConfig, dataset: Dataset | None = None) -> Train
     _choice("amp", c.amp, AMP_MODES)
     _choice("loss", c.loss, LOSSES)
     _choice("weight-decay-mode", c.weight_decay_mode, WEIGHT_DECAY_MODES)
+    for name in ("rho", "eta", "gsam_alpha", "gsam_rho_min", "lr", "momentum", "weight_decay"):
+        value = getattr(c, name)  # NaN and inf would only show up as a diverged run
+        if value is not None and not math.isfinite(value):
+            option = "--" + name.replace("_", "-")
+            raise SharpscopeError(f"{option} must be a finite number, got {value}")
     if not c.rho >= 0:
         raise SharpscopeError(f"--rho must be >= 0, got {c.rho}")
     try:
@@ -218,6 +225,8 @@ def resolve_config(config: TrainConfig, dataset: Dataset | None = None) -> Train
     for name in ("sam_interval", "eval_every", "eval_batch_size", "track_samples"):
         if getattr(c, name) < 1:
             raise SharpscopeError(f"--{name.replace('_', '-')} must be >= 1")
+    if c.track_sharpness and c.track_every is None:
+        raise SharpscopeError("--track-sharpness needs --track-every N (how often to track)")
     if c.m is not None and c.optimizer == "sgd":
         raise SharpscopeError("--m (m-sharpness) applies to --optimizer sam or gsam")
     if not c.lr > 0:
@@ -380,6 +389,73 @@ def _clear_run_files(out: str) -> None:
                 os.remove(os.path.join(traj, name))
         if not os.listdir(traj):
             shutil.rmtree(traj)
+
+
+REPLACED = ".replaced-run"  # an old run's files while --overwrite's new run is under way
+
+
+def _set_aside_run_files(out: str) -> None:
+    """Move an old run's files into ``out/.replaced-run`` (restored if the new run fails)."""
+    aside = os.path.join(out, REPLACED)
+    if os.path.isdir(aside):  # left by a run killed outright: its old run is the one to keep
+        _clear_run_files(out)
+        return
+    os.makedirs(aside)
+    for name in RUN_FILES:
+        if os.path.isfile(os.path.join(out, name)):
+            os.replace(os.path.join(out, name), os.path.join(aside, name))
+    traj = os.path.join(out, TRAJECTORY)
+    if os.path.isdir(traj):
+        os.makedirs(os.path.join(aside, TRAJECTORY))
+        for name in os.listdir(traj):
+            if name.startswith("step_") and name.endswith(".pt"):
+                os.replace(os.path.join(traj, name), os.path.join(aside, TRAJECTORY, name))
+        if not os.listdir(traj):
+            os.rmdir(traj)
+
+
+def _undo_new_run(out: str, existed: bool) -> None:
+    """After a failed fresh run: delete its files, put back the run it was to replace,
+    and remove ``out`` if this run created it and nothing else is there."""
+    _clear_run_files(out)
+    aside = os.path.join(out, REPLACED)
+    if os.path.isdir(aside):
+        for root, _, files in os.walk(aside):
+            target = os.path.join(out, os.path.relpath(root, aside))
+            os.makedirs(target, exist_ok=True)
+            for name in files:
+                os.replace(os.path.join(root, name), os.path.join(target, name))
+        shutil.rmtree(aside)
+    if not existed and os.path.isdir(out) and not os.listdir(out):
+        os.rmdir(out)
+
+
+class _StopRequest:
+    """Set by the first SIGINT or SIGTERM during training: the loop saves a resume point
+    at the end of the current step and stops (a second signal stops at once)."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+
+
+@contextlib.contextmanager
+def _stop_on_signals(enabled: bool):
+    stop = _StopRequest()
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if stop.signal is not None:
+            raise KeyboardInterrupt
+        stop.signal = signum
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 def _write_jsonl(path: str, records: list[dict[str, Any]]) -> None:
@@ -763,8 +839,14 @@ def train(
 
     ``resume=True`` continues the run in ``out`` from its resume checkpoint (its saved
     configuration must equal ``config`` up to ``device``); ``overwrite=True`` replaces
-    an old run there (only its run files are deleted, after the new run is set up).
-    Bad input raises :class:`SharpscopeError` before anything is written.
+    an old run there (only its run files; they are set aside when the new run starts,
+    deleted when it completes and put back if it fails or is interrupted).
+    Bad input raises :class:`SharpscopeError` before anything is written; a fresh run
+    that fails (diverges) leaves no files behind.
+
+    In one process, the first SIGINT (Ctrl-C) or SIGTERM (a cluster's preemption) stops
+    the run at the end of the current step with a resume point saved, then raises
+    KeyboardInterrupt; ``resume=True`` continues it bit for bit (CPU).
 
     Launched by ``torchrun`` (WORLD_SIZE > 1), or called on every process of an
     initialized process group, this trains data-parallel (see the module docstring):
@@ -791,9 +873,24 @@ def train(
     if c.track_every is not None:
         _check_trackers(c)
     devices = [device.index or 0] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):  # the caller's global RNG is restored
+    existed = os.path.isdir(out)
+    with (
+        torch.random.fork_rng(devices=devices),  # the caller's global RNG is restored
+        _stop_on_signals(distributed.world_size() == 1) as stop,
+    ):
         trainer = _Trainer(c, dataset, device)
-        metrics = _run(trainer, out, saved, overwrite, progress, quiet)
+        try:
+            metrics = _run(trainer, out, saved, overwrite, progress, quiet, stop)
+        except BaseException as exc:
+            fresh = saved is None and distributed.is_main_process()
+            # An interrupted fresh run stays, to be resumed, unless it was replacing one.
+            if fresh and (overwrite or not isinstance(exc, KeyboardInterrupt)):
+                _undo_new_run(out, existed)
+                if overwrite:
+                    print(f"sharpscope train: {out} holds its previous run again", file=sys.stderr)
+            raise
+    if distributed.is_main_process() and os.path.isdir(os.path.join(out, REPLACED)):
+        shutil.rmtree(os.path.join(out, REPLACED))
     # Rank 0's numbers everywhere; and no process returns before the folder is written.
     return distributed.broadcast_object(metrics)
 
@@ -839,6 +936,7 @@ def _run(
     overwrite: bool,
     progress: bool,
     quiet: bool,
+    stop: _StopRequest | None = None,
 ) -> dict[str, Any]:
     c, plan = t.c, t.plan
     # Under DDP every process runs this loop in step (the collectives: gradients,
@@ -881,7 +979,7 @@ def _run(
     elif main:
         os.makedirs(out, exist_ok=True)
         if overwrite:  # only now: the new run is set up and about to write its own files
-            _clear_run_files(out)
+            _set_aside_run_files(out)
         write_json(os.path.join(out, "config.json"), asdict(c))
 
     tracked = None
@@ -999,6 +1097,17 @@ def _run(
                 write_resume()
             if epoch_done and now - last_metrics >= METRICS_MIN_INTERVAL_S:
                 write_metrics()
+            if stop is not None and stop.signal is not None:
+                if bar is not None:
+                    bar.close()
+                write_resume()
+                name = signal.Signals(stop.signal).name
+                print(
+                    f"sharpscope train: {name}: stopped after step {step}; "
+                    f"continue with --resume --out {out}",
+                    file=sys.stderr,
+                )
+                raise KeyboardInterrupt
     if bar is not None:
         bar.close()
 

@@ -571,10 +571,16 @@ def test_cli_surfaces_and_interpolation(tmp_path, capsys):
     out = tmp_path / "l.npz"
     assert main(["landscape", str(a), "--out", str(out), "--points", "5", *FAST]) == 0
     assert load_surface(out).loss.shape == (5,)
-    assert main(["landscape", str(a), str(b), "--out", str(out), "--points", "9", *FAST]) == 0
+    interp = ["landscape", str(a), str(b), "--out", str(out), "--points", "9", *FAST]
+    before = out.read_bytes()
+    assert main(interp) == 2  # an existing surface is never replaced unasked
+    assert "exists: pass --overwrite" in capsys.readouterr().err and out.read_bytes() == before
+    assert main([*interp, "--overwrite"]) == 0
     s = load_surface(out)
     assert s.kind == "interpolation" and list(s.coords_a[[2, 6]]) == [0.0, 1.0]
     assert "wrote" in capsys.readouterr().out
+    assert main(["landscape", str(a), "--out", str(a), "--overwrite", *FAST]) == 2
+    assert "is an input of this command" in capsys.readouterr().err
 
 
 def test_cli_pca_draws_the_trajectory_on_its_plane(tmp_path):

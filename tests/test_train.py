@@ -21,6 +21,7 @@ from torch.func import functional_call
 from sharpscope.checkpoint import load_checkpoint, read_checkpoint
 from sharpscope.cli import main
 from sharpscope.data import data_spec, load_dataset
+from sharpscope.errors import SharpscopeError
 from sharpscope.train import (
     DEFAULT_EPOCHS,
     TrainConfig,
@@ -334,6 +335,59 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path):
     reference = tmp_path / "whole"
     assert main(["train", *options, "--out", str(reference), "--quiet"]) == 0
     _same_state(out / "checkpoint.pt", reference / "checkpoint.pt")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_sigint_or_sigterm_saves_a_resume_point_and_resume_is_bit_identical(tmp_path, sig):
+    # No --checkpoint-every: without the signal handler the last resume point would be
+    # the one before the first step.
+    options = ["--data", "synthetic", "--train-subset", "256", "--model", "mlp", "--width", "32"]
+    options += ["--batch-size", "16", "--epochs", "40"]
+    out = tmp_path / "stopped"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sharpscope", "train", *options, "--out", str(out)],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        proc.stdout.readline()  # the first epoch's line: the loop is running
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert f"{signal.Signals(sig).name}: stopped after step" in err and "Traceback" not in err
+    stopped_at = read_checkpoint(out / "resume.pt")["resume"]["step"]
+    assert stopped_at > 16 and not (out / "checkpoint.pt").exists()
+    assert main(["train", "--out", str(out), "--resume", "--quiet"]) == 0
+    reference = tmp_path / "whole"
+    assert main(["train", *options, "--out", str(reference), "--quiet"]) == 0
+    _same_state(out / "checkpoint.pt", reference / "checkpoint.pt")
+
+
+def test_a_failed_overwrite_puts_the_previous_run_back(tmp_path, capsys):
+    out = tmp_path / "run"
+    train(_config(save_every=4), out, quiet=True)
+    (out / "notes.txt").write_text("mine")
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(SharpscopeError, match="diverged"):
+        train(_config(lr=1e6, momentum=0.0), out, overwrite=True, quiet=True)
+    after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert after == before  # every file of the old run, byte for byte, and nothing else
+    assert "holds its previous run again" in capsys.readouterr().err
+
+
+def test_a_diverged_fresh_run_leaves_no_files(tmp_path, capsys):
+    out = tmp_path / "new"
+    with pytest.raises(SharpscopeError, match="diverged"):
+        train(_config(lr=1e6, momentum=0.0), out, quiet=True)
+    assert not out.exists()
+    assert main(["train", "--data", "synthetic", "--rho", "inf", "--out", str(out)]) == 2
+    assert "--rho must be a finite number" in capsys.readouterr().err and not out.exists()
 
 
 def test_overwrite_replaces_only_the_run_files(tmp_path, capsys):

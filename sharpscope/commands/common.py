@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -107,8 +108,31 @@ def write_json(path: str, document: dict[str, Any]) -> None:
     atomic_write(path, write)
 
 
-def check_output_path(path: str) -> None:
-    """Refuse an output path whose folder does not exist, before any work is done."""
-    folder = os.path.dirname(os.path.abspath(path))
+def check_output_path(path: str, *, overwrite: bool = True, inputs: Sequence[str] = ()) -> None:
+    """Refuse, before any work is done, an output path that cannot or must not be written.
+
+    Refused: a folder, a path in a missing or unwritable folder, one of the command's
+    ``inputs`` (even with --overwrite), and, unless ``overwrite``, an existing file.
+    """
+    target = os.path.abspath(path)
+    folder = os.path.dirname(target)
+    if os.path.isdir(target):
+        raise SharpscopeError(f"cannot write {path}: it is a folder")
     if not os.path.isdir(folder):
+        if os.path.exists(folder):
+            raise SharpscopeError(f"cannot write {path}: {folder} is a file, not a folder")
         raise SharpscopeError(f"cannot write {path}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise SharpscopeError(f"cannot write {path}: folder {folder} is not writable")
+    if os.path.exists(target):
+        for source in inputs:
+            if os.path.exists(source) and os.path.samefile(source, target):
+                raise SharpscopeError(f"{path} is an input of this command: refusing to write it")
+        if not overwrite:
+            raise SharpscopeError(f"{path} exists: pass --overwrite to replace it")
+
+
+def add_overwrite_argument(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument(
+        "--overwrite", action="store_true", help=f"replace {what} if it exists (default: refuse)"
+    )

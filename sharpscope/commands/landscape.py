@@ -21,7 +21,13 @@ from ..landscape import (
     interpolation_for_checkpoints,
     landscape_for_checkpoint,
 )
-from .common import add_device_argument, add_evaluation_arguments, check_output_path, resolve_device
+from .common import (
+    add_device_argument,
+    add_evaluation_arguments,
+    add_overwrite_argument,
+    check_output_path,
+    resolve_device,
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -110,6 +116,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--label", help="legend label (default: the optimizer, from the checkpoint)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_overwrite_argument(p, "the .npz")
     add_evaluation_arguments(p)
     add_device_argument(p)
     p.set_defaults(func=run)
@@ -138,7 +145,7 @@ def _range(values: list[str] | None) -> tuple[float, float] | str | None:
 
 def _check_arguments(args: argparse.Namespace) -> None:
     """Every usage error, before any checkpoint is read."""
-    check_output_path(args.out)
+    check_output_path(args.out, overwrite=args.overwrite, inputs=args.checkpoints)
     if not args.out.endswith(".npz"):
         raise SharpscopeError(f"--out must end in .npz, got {args.out}")
     if len(args.checkpoints) > 2:

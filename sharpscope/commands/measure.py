@@ -31,6 +31,7 @@ from .common import (
     add_device_argument,
     add_evaluation_arguments,
     add_model_arguments,
+    add_overwrite_argument,
     check_output_path,
     model_options_from_args,
     resolve_device,
@@ -138,6 +139,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--seed", type=int, default=0, help="examples, restarts and probes (default: 0)")
     p.add_argument("--json", metavar="FILE", help="write every number with its settings")
+    add_overwrite_argument(p, "the --json file")
     p.add_argument("--labels", nargs="+", help="column labels (default: file names)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     add_device_argument(p)
@@ -183,7 +185,7 @@ def run(args: argparse.Namespace) -> int:
     settings = _settings(args, progress=not args.quiet and sys.stderr.isatty())
     check_measure_settings(**settings)
     if args.json:
-        check_output_path(args.json)
+        check_output_path(args.json, overwrite=args.overwrite, inputs=args.checkpoints)
     if args.labels and len(args.labels) != len(args.checkpoints):
         raise SharpscopeError("--labels needs one label per checkpoint")
     device = distributed.init_from_environment(resolve_device(args.device))

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 
 from ..errors import SharpscopeError
 from ..plots import N_LEVELS, STYLES, figure_format, plot_1d, plot_2d
+from .common import add_overwrite_argument, check_output_path
+
+# More contour intervals than this are no longer readable (and matplotlib warns).
+MAX_LEVELS = 50
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -60,6 +65,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help=f"2-D: number of contour intervals (default: {N_LEVELS})",
     )
     p.add_argument("--vmax", type=float, help="2-D: cap the color scale at this value")
+    add_overwrite_argument(p, "the figure")
     p.set_defaults(func=run)
 
 
@@ -67,6 +73,11 @@ def run(args: argparse.Namespace) -> int:
     from ..landscape import load_surface
 
     figure_format(args.out)  # a bad output path fails before any file is read
+    check_output_path(args.out, overwrite=args.overwrite, inputs=args.files)
+    if not 1 <= args.levels <= MAX_LEVELS:
+        raise SharpscopeError(f"--levels must be between 1 and {MAX_LEVELS}, got {args.levels}")
+    if args.vmax is not None and not math.isfinite(args.vmax):
+        raise SharpscopeError(f"--vmax must be a finite number, got {args.vmax}")
     if args.labels is not None and len(args.labels) != len(args.files):
         raise SharpscopeError(f"--labels got {len(args.labels)} labels for {len(args.files)} files")
     surfaces = [load_surface(path) for path in args.files]
