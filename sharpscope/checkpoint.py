@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import pickle
 import tempfile
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -75,19 +76,29 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     arbitrary unpickling.
     """
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise SharpscopeError(f"{path}: a folder, not a checkpoint file")
     if not os.path.isfile(path):
         raise SharpscopeError(f"{path}: no such file")
+    if os.path.getsize(path) == 0:
+        raise SharpscopeError(f"{path}: not a readable checkpoint (an empty file)")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about old pickle protocols: our error says it
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if "GLOBAL" in str(exc) or "nsupported global" in str(exc):
             raise SharpscopeError(
                 f"{path}: refusing to load, it needs arbitrary unpickling "
                 "(only plain tensors and values load safely; re-save its state_dict)"
             ) from None
-        raise SharpscopeError(f"{path}: not a readable checkpoint (corrupt pickle data)") from None
+        raise SharpscopeError(
+            f"{path}: not a readable checkpoint (not a torch.save file, or corrupt)"
+        ) from None
     except Exception as exc:  # torch raises many types for garbage: KeyError, EOFError, ...
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if isinstance(exc, RuntimeError) and "zip" in first.lower() or first.isdigit():
+            first = "not a file written by torch.save"  # torch's words for text and garbage
         raise SharpscopeError(f"{path}: not a readable checkpoint ({first})") from None
     if isinstance(obj, dict) and obj.get("format") == FORMAT:
         if obj.get("version", 0) > VERSION:

@@ -48,6 +48,7 @@ from .objective import (
     eval_mode,
     exact_float32,
     make_objective,
+    model_fits_data,
     select_parameters,
 )
 
@@ -381,12 +382,27 @@ def load_surface(path: str | os.PathLike) -> Surface:
     """Read a surface saved by :meth:`Surface.save`; :class:`SharpscopeError` with one
     clear line for a missing, unreadable or foreign file."""
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise SharpscopeError(f"{path}: a folder, not a landscape file")
     if not os.path.isfile(path):
         raise SharpscopeError(f"{path}: no such file")
     try:
-        with np.load(path, allow_pickle=False) as f:
+        loaded = np.load(path, allow_pickle=False)
+    except Exception:
+        raise SharpscopeError(f"{path}: not a sharpscope landscape file (not an .npz)") from None
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+        raise SharpscopeError(f"{path}: not a sharpscope landscape file (a .npy array)")
+    try:
+        with loaded as f:
             data = {k: f[k] for k in f.files}
+        missing = [k for k in ("settings", "coords_a", "loss", "accuracy") if k not in data]
+        if missing:
+            raise SharpscopeError(
+                f"{path}: not a sharpscope landscape file (no {', '.join(missing)} in it)"
+            )
         settings = json.loads(str(data["settings"][()]))
+        if not isinstance(settings, dict):
+            raise SharpscopeError(f"{path}: not a sharpscope landscape file (bad settings)")
         surface = Surface(
             kind=settings["kind"],
             coords_a=data["coords_a"],
@@ -398,6 +414,8 @@ def load_surface(path: str | os.PathLike) -> Surface:
             d1=data.get("d1"),
             d2=data.get("d2"),
         )
+    except SharpscopeError:
+        raise
     except Exception as exc:  # a zip error, a missing key, bad JSON: one message
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise SharpscopeError(f"{path}: not a sharpscope landscape file ({detail})") from None
@@ -877,6 +895,8 @@ def interpolation(
     _check_same_architecture(layout, params_b)
     wa = obj.w0
     wb = layout.flatten({n: params_b[n].detach() for n in layout.names}).to(wa)
+    with model_fits_data():
+        obj.value()  # the model takes the data (NaN far out along the line is a finding)
     ts = _coords(ts, "ts")
     buffers_at = None
     if include_buffers:
@@ -1084,6 +1104,7 @@ def landscape_for_checkpoint(
     obj = Objective(
         net, examples, loss_fn, batch_size=batch_size, device=device, param_filter=param_filter
     )
+    obj.check_finite()  # the model takes the data, and its loss is a number
     bn_batches = _training_batches(dataset, samples, batch_size, seed) if bn_recalibrate else None
     extra: dict[str, Any] = {}
     traj = None

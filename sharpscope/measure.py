@@ -24,7 +24,7 @@ from .data import Dataset, load_dataset
 from .errors import SharpscopeError
 from .hessian import METHODS, hessian_density, hessian_eigenvalues, hessian_trace
 from .losses import get_loss
-from .objective import PARAM_FILTERS, Objective
+from .objective import PARAM_FILTERS, Objective, model_fits_data
 from .sharpness import NORMS, average_sharpness, sharpness
 
 # Defaults, each with its source.
@@ -129,7 +129,8 @@ def _objectives(
 def _check_objective(obj: Objective, split: str, eigs: int) -> dict[str, float]:
     if eigs > obj.numel:
         raise SharpscopeError(f"eigs {eigs} exceeds the model's {obj.numel} parameters")
-    evaluation = obj.evaluate()
+    with model_fits_data():
+        evaluation = obj.evaluate()
     if not math.isfinite(evaluation["loss"]):
         raise SharpscopeError(f"the {split} loss is {evaluation['loss']}: nothing to measure")
     return evaluation

@@ -294,11 +294,25 @@ class Objective:
         return t
 
     def check_finite(self, w: torch.Tensor | None = None) -> float:
-        """L(w), raising :class:`SharpscopeError` if it is NaN or infinite."""
-        value = self.value(w)
+        """L(w), raising :class:`SharpscopeError` if it is NaN or infinite, or if the
+        model cannot take the data (a checkpoint measured on another data set)."""
+        with model_fits_data():
+            value = self.value(w)
         if not torch.isfinite(torch.tensor(value)):
             raise SharpscopeError(f"the loss at the given weights is {value}: nothing to measure")
         return value
+
+
+@contextlib.contextmanager
+def model_fits_data() -> Iterator[None]:
+    """Turn the error of a model that cannot take the data's shape or classes (torch's
+    RuntimeError or IndexError from inside the forward pass or the loss) into a one-line
+    :class:`SharpscopeError`. For the first evaluation of a model on data."""
+    try:
+        yield
+    except (RuntimeError, IndexError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SharpscopeError(f"the model cannot be evaluated on this data: {first}") from None
 
 
 def _shard(batches: list, rank: int, world: int) -> list:

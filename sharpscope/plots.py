@@ -282,6 +282,10 @@ def plot_1d(
     for s in surfaces:
         if np.asarray(s.loss).ndim != 1:
             raise SharpscopeError(f"a 1-D plot needs 1-D loss arrays, got shape {s.loss.shape}")
+        if not np.isfinite(np.asarray(s.loss, dtype=float)).any():
+            raise SharpscopeError(
+                f"nothing to plot for {surface_label(s, 'a curve')}: every point is NaN or infinite"
+            )
     accuracy = accuracy and all(s.accuracy is not None for s in surfaces)
     width = _width(columns)
     with paper_style():
