@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
@@ -27,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .checkpoint import atomic_write
+from .checkpoint import atomic_write, read_checkpoint
 from .commands.common import write_json
 from .errors import SharpscopeError
 from .landscape import (
@@ -70,6 +72,7 @@ def compare_checkpoints(
     progress: bool = False,
     log: Callable[[str], None] | None = None,
     training: dict[str, Any] | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Measure and picture checkpoints ``path_a`` and ``path_b``; write it all to ``out``.
 
@@ -80,16 +83,126 @@ def compare_checkpoints(
     its parents) if missing. ``training`` (how the two were trained, as :func:`demo`
     records it) is added to the report and the JSON. Returns the ``results.json``
     document.
+
+    Everything is checked before any work (settings, both checkpoints, same
+    architecture, ``out`` empty or ``overwrite``), and the files are written to a
+    staging folder inside ``out`` and moved into place only when all are done: a
+    failed or interrupted compare leaves ``out`` as it was.
     """
-    say = log or (lambda message: None)
+    _check_settings(
+        points=points,
+        points_2d=points_2d,
+        samples=samples,
+        batch_size=batch_size,
+        trace_samples=trace_samples,
+        range=range,
+        interpolation_range=interpolation_range,
+    )
+    _check_inputs(path_a, path_b, out)
+    if os.path.isdir(out) and os.listdir(out) and not overwrite:
+        raise SharpscopeError(f"{out} exists and is not empty: pass --overwrite or a new --out")
+    existed = os.path.isdir(out)
+    _make_folder(out)
+    stage = tempfile.mkdtemp(prefix=".compare-", dir=out)
+    try:
+        document = _compare(
+            path_a,
+            path_b,
+            stage,
+            labels=labels,
+            points=points,
+            points_2d=points_2d,
+            range=range,
+            interpolation_range=interpolation_range,
+            directions=directions,
+            split=split,
+            samples=samples,
+            batch_size=batch_size,
+            seed=seed,
+            measure=measure,
+            trace_samples=trace_samples,
+            device=device,
+            progress=progress,
+            log=log,
+            training=training,
+        )
+        for name in sorted(os.listdir(stage)):
+            os.replace(os.path.join(stage, name), os.path.join(out, name))
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+        if not existed and os.path.isdir(out) and not os.listdir(out):
+            os.rmdir(out)
+    return document
+
+
+def _check_settings(
+    *,
+    points: int = DEFAULT_POINTS,
+    points_2d: int = DEFAULT_POINTS,
+    samples: int | None = DEFAULT_SAMPLES,
+    batch_size: int = 512,
+    trace_samples: int = DEFAULT_TRACE_SAMPLES,
+    range: tuple[float, float] = DEFAULT_RANGE,  # noqa: A002 - the CLI's name
+    interpolation_range: tuple[float, float] = INTERPOLATION_RANGE,
+    **others: Any,
+) -> None:
+    """The refusals of :func:`compare_checkpoints`'s settings (``others`` need none)."""
+    for name, value in (("--range", range), ("--interpolation-range", interpolation_range)):
+        low, high = (float(v) for v in value)
+        if not (math.isfinite(low) and math.isfinite(high) and low < high):
+            raise SharpscopeError(f"{name}: need finite LOW < HIGH, got {low:g} {high:g}")
     if points < 2 or points_2d < 2:
         raise SharpscopeError("--points and --points-2d must be at least 2")
     if samples is not None and samples <= 0:
         raise SharpscopeError(f"--samples must be positive, got {samples}")
+    if batch_size < 1:
+        raise SharpscopeError(f"--batch-size must be positive, got {batch_size}")
+    if trace_samples < 2:
+        raise SharpscopeError(f"--trace-samples must be at least 2, got {trace_samples}")
+
+
+def _check_inputs(path_a: str, path_b: str, out: str) -> None:
+    """The refusals of the two checkpoints and the output folder, before any work."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise SharpscopeError(f"{out} exists and is not a folder")
+    specs = []
     for path in (path_a, path_b):
-        if not os.path.isfile(path):
-            raise SharpscopeError(f"{path}: no such file")
-    _make_folder(out)
+        meta = read_checkpoint(path)  # missing, foreign or unsafe files: one clear line
+        if "model" not in meta:
+            raise SharpscopeError(
+                f"{path}: a plain state_dict; compare needs sharpscope checkpoints"
+            )
+        specs.append(meta["model"])
+    if specs[0] != specs[1]:
+        raise SharpscopeError(
+            f"{path_a} and {path_b} have different architectures: nothing to compare"
+        )
+
+
+def _compare(
+    path_a: str,
+    path_b: str,
+    out: str,
+    *,
+    labels: tuple[str, str] | None,
+    points: int,
+    points_2d: int,
+    range: tuple[float, float],  # noqa: A002 - the CLI's name
+    interpolation_range: tuple[float, float],
+    directions: str,
+    split: str,
+    samples: int | None,
+    batch_size: int,
+    seed: int,
+    measure: bool,
+    trace_samples: int,
+    device: torch.device | str,
+    progress: bool,
+    log: Callable[[str], None] | None,
+    training: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """:func:`compare_checkpoints` once its checks have passed, writing into ``out``."""
+    say = log or (lambda message: None)
     evaluation = {
         "split": split,
         "samples": samples,
@@ -385,14 +498,15 @@ def _write_report(
 
 
 def _plot_commands(doc: dict[str, Any]) -> list[str]:
-    """The ``sharpscope plot`` commands that redraw the figures from the .npz files."""
+    """The ``sharpscope plot`` commands that redraw the figures from the .npz files
+    (in place: --overwrite)."""
     log_1d = " --log" if doc["1d_log"] else ""
     log_interp = " --log" if doc["interpolation_log"] else ""
     return [
-        f"sharpscope plot interpolation.npz{log_interp} --out interpolation.pdf",
-        f"sharpscope plot 1d_a.npz 1d_b.npz{log_1d} --out 1d.pdf",
-        "sharpscope plot 2d_a.npz 2d_b.npz --out 2d_contour.pdf",
-        "sharpscope plot 2d_a.npz 2d_b.npz --style surface3d --out 2d_surface3d.pdf",
+        f"sharpscope plot interpolation.npz{log_interp} --out interpolation.pdf --overwrite",
+        f"sharpscope plot 1d_a.npz 1d_b.npz{log_1d} --out 1d.pdf --overwrite",
+        "sharpscope plot 2d_a.npz 2d_b.npz --out 2d_contour.pdf --overwrite",
+        "sharpscope plot 2d_a.npz 2d_b.npz --style surface3d --out 2d_surface3d.pdf --overwrite",
     ]
 
 
@@ -456,10 +570,16 @@ def demo(
     ``out``/compare. ``epochs`` and ``rho`` None keep :class:`TrainConfig`'s defaults;
     ``compare_options`` go to :func:`compare_checkpoints`. Returns its document, with
     each run's command, configuration, final metrics and time under "training"."""
-    from .train import TrainConfig, train
+    from .train import TrainConfig, resolve_config, train
 
     say = log or (lambda message: None)
-    for optimizer in ("sgd", "sam"):  # before any training: fail fast, not after SGD
+    # Before any training: fail fast, not after SGD; the configuration's checks too.
+    config = TrainConfig(optimizer="sam", seed=seed, epochs=epochs, device=str(device))
+    if rho is not None:
+        config.rho = rho
+    resolve_config(config)
+    _check_settings(**compare_options)
+    for optimizer in ("sgd", "sam"):
         folder = os.path.join(out, optimizer)
         if not overwrite and os.path.isdir(folder) and os.listdir(folder):
             raise SharpscopeError(
@@ -495,5 +615,6 @@ def demo(
         progress=progress,
         log=log,
         training=training,
+        overwrite=overwrite,
         **compare_options,
     )

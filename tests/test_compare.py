@@ -143,6 +143,33 @@ def test_compare_refuses_bad_input(checkpoints, tmp_path):
         report.compare_checkpoints(checkpoints[0], other, str(tmp_path / "o"), **SMALL)
 
 
+def test_compare_never_leaves_a_half_written_folder(checkpoints, tmp_path, monkeypatch):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "report.md").write_text("my own report")
+    with pytest.raises(SharpscopeError, match="not empty: pass --overwrite"):
+        report.compare_checkpoints(*checkpoints, str(out), **SMALL)
+    with pytest.raises(SharpscopeError, match="--trace-samples"):  # before any work
+        bad = {**SMALL, "trace_samples": 0}
+        report.compare_checkpoints(*checkpoints, str(tmp_path / "new"), **bad)
+    assert not (tmp_path / "new").exists()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("failed half way")
+
+    monkeypatch.setattr(report, "plot_2d", broken)  # after the surfaces are computed
+    for folder, overwrite in ((tmp_path / "fresh", False), (out, True)):
+        before = sorted(os.listdir(tmp_path))
+        with pytest.raises(RuntimeError, match="half way"):
+            report.compare_checkpoints(*checkpoints, str(folder), overwrite=overwrite, **SMALL)
+        assert sorted(os.listdir(tmp_path)) == before  # no new folder left behind
+    assert os.listdir(out) == ["report.md"] and (out / "report.md").read_text() == "my own report"
+    monkeypatch.undo()
+    report.compare_checkpoints(*checkpoints, str(out), overwrite=True, **SMALL)
+    assert "my own report" not in (out / "report.md").read_text()  # asked for: replaced
+    assert not [n for n in os.listdir(out) if n.startswith(".compare-")]  # no staging left
+
+
 def test_compare_command_exit_codes(checkpoints, tmp_path, capsys):
     (tmp_path / "file").write_text("")
     blocked = ["compare", *checkpoints, "--out", str(tmp_path / "file" / "out"), "--quick"]

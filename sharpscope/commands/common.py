@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import tempfile
 from collections.abc import Sequence
 from typing import Any
 
@@ -122,8 +123,12 @@ def check_output_path(path: str, *, overwrite: bool = True, inputs: Sequence[str
         if os.path.exists(folder):
             raise SharpscopeError(f"cannot write {path}: {folder} is a file, not a folder")
         raise SharpscopeError(f"cannot write {path}: folder {folder} does not exist")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise SharpscopeError(f"cannot write {path}: folder {folder} is not writable")
+    try:  # a real probe: permission bits say nothing to root, nor about /proc
+        fd, probe = tempfile.mkstemp(prefix=".sharpscope-probe-", dir=folder)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as exc:
+        raise SharpscopeError(f"cannot write {path}: {exc.strerror or exc}") from None
     if os.path.exists(target):
         for source in inputs:
             if os.path.exists(source) and os.path.samefile(source, target):

@@ -38,6 +38,11 @@ def add_compare_arguments(
     if out_default is None:
         p.add_argument("--out", required=True, metavar="DIR", help="output folder (created)")
         p.add_argument("--labels", nargs=2, metavar=("A", "B"), help="names for A and B")
+        p.add_argument(
+            "--overwrite",
+            action="store_true",
+            help="write into a folder that is not empty, replacing an earlier compare's files",
+        )
     else:
         p.add_argument("--out", default=out_default, metavar="DIR", help="(default: %(default)s)")
     p.add_argument(
@@ -123,6 +128,7 @@ def run(args: argparse.Namespace) -> int:
         args.checkpoint_b,
         args.out,
         labels=tuple(args.labels) if args.labels else None,
+        overwrite=args.overwrite,
         **compare_options(args),
     )
     print(f"wrote {os.path.join(args.out, 'report.md')}")

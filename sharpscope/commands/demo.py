@@ -29,7 +29,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--epochs", type=int, help="training epochs for both (default: the trainer's)")
     p.add_argument("--rho", type=float, help="SAM radius (default: the trainer's, 0.05)")
     p.add_argument(
-        "--overwrite", action="store_true", help="replace earlier runs in DIR/sgd and DIR/sam"
+        "--overwrite",
+        action="store_true",
+        help="replace earlier runs in DIR/sgd, DIR/sam and DIR/compare",
     )
     p.set_defaults(func=run)
 

@@ -72,8 +72,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..landscape import load_surface
 
-    figure_format(args.out)  # a bad output path fails before any file is read
     check_output_path(args.out, overwrite=args.overwrite, inputs=args.files)
+    figure_format(args.out)  # a bad output path fails before any file is read
     if not 1 <= args.levels <= MAX_LEVELS:
         raise SharpscopeError(f"--levels must be between 1 and {MAX_LEVELS}, got {args.levels}")
     if args.vmax is not None and not math.isfinite(args.vmax):
