@@ -8,17 +8,26 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
 from collections.abc import Sequence
 
 from .errors import SharpscopeError
+
+_NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|infinity|nan)$", re.I)
 
 # Each subcommand lives in sharpscope/commands/<name>.py with register(subparsers).
 COMMANDS = ("train", "measure", "landscape", "plot", "compare", "demo")
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose usage errors are one line on stderr and exit code 2."""
+    """argparse whose usage errors are one line on stderr and exit code 2, and which
+    reads every negative number as a value (``--range -1e-3 1e-3``, ``-inf``), not only
+    the plain ``-1`` and ``-0.5`` that argparse knows."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = _NEGATIVE_NUMBER
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message}\n")

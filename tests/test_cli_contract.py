@@ -102,3 +102,14 @@ def test_plain_pickles_are_refused_in_one_line(tmp_path, capsys):
         pickle.dump({"weights": [1.0, 2.0]}, f)  # torch.load warns about such files
     _refused(["measure", str(tmp_path / "p.pt")], capsys, "not a readable checkpoint")
     _refused(["measure", str(tmp_path)], capsys, "a folder, not a checkpoint file")
+
+
+def test_negative_numbers_in_any_notation_are_values(run, tmp_path, capsys):
+    out = tmp_path / "r.npz"
+    argv = ["landscape", str(run / "checkpoint.pt"), "--points", "3", "--samples", "16"]
+    assert main([*argv, "--range", "-1e-3", "1e-3", "--out", str(out), "--quiet"]) == 0
+    _refused([*argv, "--range", "-inf", "inf", "--out", str(tmp_path / "i.npz")], capsys, "finite")
+
+
+def test_density_without_json_is_refused_before_the_work(run, capsys):
+    _refused(["measure", str(run / "checkpoint.pt"), "--density"], capsys, "--json")

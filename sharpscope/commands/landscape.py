@@ -9,6 +9,8 @@ import signal
 import sys
 from collections.abc import Iterator
 
+import numpy as np
+
 from .. import distributed
 from ..errors import SharpscopeError
 from ..landscape import (
@@ -284,11 +286,14 @@ def _compute(args: argparse.Namespace, device, progress: bool, partial: str) -> 
 
 
 def _summary(out: str, surface: Surface) -> str:
-    finite = surface.loss[surface.loss == surface.loss]
+    finite = surface.loss[np.isfinite(surface.loss)]
     shape = "x".join(str(n) for n in surface.loss.shape[::-1])
     line = f"wrote {out}: {surface.kind} landscape, {shape} points"
     if finite.size:
         line += f", loss {finite.min():.4g} to {finite.max():.4g}"
+    bad = int(surface.loss.size - np.isfinite(surface.loss).sum())
+    if bad:  # overflow far from the minimum: a finding, kept as NaN/inf in the file
+        line += f"; {bad} point(s) with a non-finite loss"
     cos = surface.settings.get("cos_d1_d2")
     if cos is not None:
         line += f", cos(d1, d2) = {cos:.2g}"

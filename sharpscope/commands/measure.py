@@ -186,6 +186,8 @@ def run(args: argparse.Namespace) -> int:
     check_measure_settings(**settings)
     if args.json:
         check_output_path(args.json, overwrite=args.overwrite, inputs=args.checkpoints)
+    if args.density and not args.json:
+        raise SharpscopeError("--density is a curve, not a table entry: give --json FILE for it")
     if args.labels and len(args.labels) != len(args.checkpoints):
         raise SharpscopeError("--labels needs one label per checkpoint")
     device = distributed.init_from_environment(resolve_device(args.device))
