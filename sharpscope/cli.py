@@ -51,12 +51,16 @@ def build_parser() -> ArgumentParser:
                 continue  # not built yet
             raise
         module.register(sub)
+    parser.set_defaults(_subparsers=sub.choices)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # reported by the subcommand's parser, which names itself
+        command = args._subparsers.get(getattr(args, "command", None) or "", parser)
+        command.error(f"unrecognized arguments: {' '.join(extra)}")
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return 2

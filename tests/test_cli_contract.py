@@ -113,3 +113,10 @@ def test_negative_numbers_in_any_notation_are_values(run, tmp_path, capsys):
 
 def test_density_without_json_is_refused_before_the_work(run, capsys):
     _refused(["measure", str(run / "checkpoint.pt"), "--density"], capsys, "--json")
+
+
+def test_unknown_arguments_are_named_by_their_command(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["plot", "a.npz", "--out", "f.png", "--labels", "x", "--bogus"])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.startswith("sharpscope plot: error: unrecognized arguments")
