@@ -465,6 +465,10 @@ def _use_vmap(objective: Objective, batched: bool | None) -> bool:
     # point). So by default it is used on CUDA only, up to VMAP_MAX_PARAMS parameters.
     if batched is not None:
         return batched
+    # Not automatic on example shards: a fallback on one rank alone (below) would leave
+    # the ranks making different all-reduces.
+    if objective.distributed:
+        return False
     return objective.device.type == "cuda" and objective.numel <= VMAP_MAX_PARAMS
 
 
@@ -489,6 +493,8 @@ def evaluate_points(
         return np.array([r["loss"] for r in results]), np.array([r["accuracy"] for r in results])
     try:
         return _evaluate_vmap(objective, weights, chunk, buffers)
+    except (torch.OutOfMemoryError, torch.distributed.DistBackendError):
+        raise
     except (RuntimeError, NotImplementedError):
         if batched:  # asked for explicitly: say why it fails
             raise
@@ -601,6 +607,8 @@ class _PointEvaluator:
         if self.vmap and buffers is None:
             try:
                 return evaluate_points(self.objective, W, batched=True)
+            except (torch.OutOfMemoryError, torch.distributed.DistBackendError):
+                raise
             except (RuntimeError, NotImplementedError):
                 if self.batched:  # asked for explicitly: let the reason show
                     raise
@@ -648,7 +656,7 @@ def _load_partial(path: str, surface: Surface) -> tuple[np.ndarray, np.ndarray, 
     return saved.loss, saved.accuracy, done
 
 
-def _save_partial(surface: Surface, done: np.ndarray, path: str) -> None:
+def save_partial(surface: Surface, done: np.ndarray, path: str) -> None:
     _write_npz(path, {**surface._arrays(), "done": done})
 
 
@@ -736,11 +744,11 @@ def _run_grid(
                 done[idx] = True  # last: an interruption never marks a point half-written
             bar.update(len(finished))
             if writer and time.monotonic() - last_save >= PARTIAL_SAVE_SECONDS:
-                _save_partial(surface, done, resume_path)
+                save_partial(surface, done, resume_path)
                 last_save = time.monotonic()
     except BaseException:
-        if writer:  # keep what is done: the next run with the same resume_path continues
-            _save_partial(surface, done, resume_path)
+        if writer and done.any():  # keep what is done: the same resume_path continues
+            save_partial(surface, done, resume_path)
         raise
     finally:
         bar.close()

@@ -310,9 +310,11 @@ def model_fits_data() -> Iterator[None]:
     :class:`SharpscopeError`. For the first evaluation of a model on data."""
     try:
         yield
+    except (torch.OutOfMemoryError, dist.DistBackendError):
+        raise  # not the data's fault: the full error, as it is
     except (RuntimeError, IndexError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise SharpscopeError(f"the model cannot be evaluated on this data: {first}") from None
+        raise SharpscopeError(f"the model cannot be evaluated on this data: {first}") from exc
 
 
 def _shard(batches: list, rank: int, world: int) -> list:

@@ -394,24 +394,33 @@ def _clear_run_files(out: str) -> None:
 REPLACED = ".replaced-run"  # an old run's files while --overwrite's new run is under way
 
 
+class Diverged(SharpscopeError):
+    """The training loss became NaN or infinite: the run is worth nothing."""
+
+
 def _set_aside_run_files(out: str) -> None:
     """Move an old run's files into ``out/.replaced-run`` (restored if the new run fails)."""
+    # An earlier set-aside or restore cut short (SIGKILL) leaves the old run split
+    # between ``out`` and the folder: a file only in ``out`` joins the folder, one in
+    # both is a newer run's copy and goes. So the folder always ends up whole.
     aside = os.path.join(out, REPLACED)
-    if os.path.isdir(aside):  # left by a run killed outright: its old run is the one to keep
-        _clear_run_files(out)
-        return
-    os.makedirs(aside)
-    for name in RUN_FILES:
-        if os.path.isfile(os.path.join(out, name)):
-            os.replace(os.path.join(out, name), os.path.join(aside, name))
+    os.makedirs(os.path.join(aside, TRAJECTORY), exist_ok=True)
+    moves = [(os.path.join(out, n), os.path.join(aside, n)) for n in RUN_FILES]
     traj = os.path.join(out, TRAJECTORY)
     if os.path.isdir(traj):
-        os.makedirs(os.path.join(aside, TRAJECTORY))
-        for name in os.listdir(traj):
-            if name.startswith("step_") and name.endswith(".pt"):
-                os.replace(os.path.join(traj, name), os.path.join(aside, TRAJECTORY, name))
-        if not os.listdir(traj):
-            os.rmdir(traj)
+        moves += [
+            (os.path.join(traj, n), os.path.join(aside, TRAJECTORY, n))
+            for n in os.listdir(traj)
+            if n.startswith("step_") and n.endswith(".pt")
+        ]
+    for source, target in moves:
+        if os.path.isfile(source):
+            if os.path.exists(target):
+                os.remove(source)
+            else:
+                os.replace(source, target)
+    if os.path.isdir(traj) and not os.listdir(traj):
+        os.rmdir(traj)
 
 
 def _undo_new_run(out: str, existed: bool) -> None:
@@ -450,12 +459,34 @@ def _stop_on_signals(enabled: bool):
             raise KeyboardInterrupt
         stop.signal = signum
 
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {}
+    for s in (signal.SIGINT, signal.SIGTERM):
+        current = signal.getsignal(s)
+        if current in (signal.SIG_IGN, None):  # ignored by the parent, or not Python's
+            continue
+        previous[s] = signal.signal(s, handler)
     try:
         yield stop
     finally:
         for s, h in previous.items():
-            signal.signal(s, h)
+            if h is not None:
+                signal.signal(s, h)
+
+
+@contextlib.contextmanager
+def _signals_held():
+    """SIGINT and SIGTERM ignored meanwhile (in the main thread): for file moves that a
+    second Ctrl-C must not cut in half."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            if h is not None:
+                signal.signal(s, h)
 
 
 def _write_jsonl(path: str, records: list[dict[str, Any]]) -> None:
@@ -842,7 +873,9 @@ def train(
     an old run there (only its run files; they are set aside when the new run starts,
     deleted when it completes and put back if it fails or is interrupted).
     Bad input raises :class:`SharpscopeError` before anything is written; a fresh run
-    that fails (diverges) leaves no files behind.
+    that diverges (:class:`Diverged`) leaves no files behind and puts a replaced run
+    back; any other failure keeps the run, to be resumed (a replaced run stays in
+    ``out/.replaced-run`` until the new one completes).
 
     In one process, the first SIGINT (Ctrl-C) or SIGTERM (a cluster's preemption) stops
     the run at the end of the current step with a resume point saved, then raises
@@ -881,13 +914,24 @@ def train(
         trainer = _Trainer(c, dataset, device)
         try:
             metrics = _run(trainer, out, saved, overwrite, progress, quiet, stop)
-        except BaseException as exc:
-            fresh = saved is None and distributed.is_main_process()
-            # An interrupted fresh run stays, to be resumed, unless it was replacing one.
-            if fresh and (overwrite or not isinstance(exc, KeyboardInterrupt)):
-                _undo_new_run(out, existed)
+        except Diverged:
+            # Worth nothing: a fresh run's files go, and a replaced run comes back.
+            if saved is None and distributed.is_main_process():
+                with _signals_held():
+                    _undo_new_run(out, existed)
                 if overwrite:
                     print(f"sharpscope train: {out} holds its previous run again", file=sys.stderr)
+            raise
+        except BaseException:
+            # Interrupted, out of memory, disk full...: the run stays, to be resumed;
+            # a run it replaces stays set aside until it completes.
+            aside = os.path.join(out, REPLACED)
+            if distributed.is_main_process() and os.path.isdir(aside):
+                print(
+                    f"sharpscope train: the run this one replaces is kept in {aside} "
+                    "until this one completes",
+                    file=sys.stderr,
+                )
             raise
     if distributed.is_main_process() and os.path.isdir(os.path.join(out, REPLACED)):
         shutil.rmtree(os.path.join(out, REPLACED))
@@ -1082,7 +1126,7 @@ def _run(
             say(_summary(record, plan.epochs))
             if c.amp != "fp16" and not math.isfinite(record["train_loss"]):
                 write_metrics()
-                raise SharpscopeError(
+                raise Diverged(
                     f"training diverged: the loss is {record['train_loss']} in epoch "
                     f"{epoch + 1}; try a smaller --lr"
                 )

@@ -482,7 +482,7 @@ def test_a_killed_grid_resumes_from_its_last_periodic_save(
     full = surface_2d(obj, d1, d2, coords, coords)
     partial, killed = str(tmp_path / "partial.npz"), str(tmp_path / "killed.npz")
     monkeypatch.setattr(ls, "PARTIAL_SAVE_SECONDS", 0.0)
-    real_save, saves = ls._save_partial, []
+    real_save, saves = ls.save_partial, []
 
     def save_and_keep_the_first_copies(surface, done, path):
         real_save(surface, done, path)
@@ -490,7 +490,7 @@ def test_a_killed_grid_resumes_from_its_last_periodic_save(
         if len(saves) <= 20:  # the file as a kill after the 20th periodic save leaves it
             _copy(path, killed)
 
-    monkeypatch.setattr(ls, "_save_partial", save_and_keep_the_first_copies)
+    monkeypatch.setattr(ls, "save_partial", save_and_keep_the_first_copies)
     counting(monkeypatch, stop_after=50)
     with pytest.raises(KeyboardInterrupt):
         surface_2d(obj, d1, d2, coords, coords, resume_path=partial)

@@ -381,6 +381,47 @@ def test_a_failed_overwrite_puts_the_previous_run_back(tmp_path, capsys):
     assert "holds its previous run again" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("failure", [KeyboardInterrupt, torch.OutOfMemoryError])
+def test_an_interrupted_or_failed_overwrite_keeps_both_runs(tmp_path, monkeypatch, capsys, failure):
+    out = tmp_path / "run"
+    train(_config(epochs=1), out, quiet=True)
+    old = (out / "checkpoint.pt").read_bytes()
+    config = _config(epochs=4, checkpoint_every=3)
+    step = _Trainer.step
+
+    def failing(self, x, y, i):
+        if i == 10:
+            raise failure("cut")
+        return step(self, x, y, i)
+
+    monkeypatch.setattr(_Trainer, "step", failing)
+    with pytest.raises(failure):
+        train(config, out, overwrite=True, quiet=True)
+    assert "kept in" in capsys.readouterr().err
+    assert (out / ".replaced-run" / "checkpoint.pt").read_bytes() == old  # the old run
+    assert read_checkpoint(out / "resume.pt")["resume"]["step"] == 9  # the new one, resumable
+    monkeypatch.setattr(_Trainer, "step", step)
+    train(config, out, resume=True, quiet=True)
+    assert not (out / ".replaced-run").exists()  # replaced for good once the new run is done
+    train(config, tmp_path / "whole", quiet=True)
+    _same_state(out / "checkpoint.pt", tmp_path / "whole" / "checkpoint.pt")
+
+
+def test_a_set_aside_cut_short_is_completed_by_the_next_overwrite(tmp_path):
+    from sharpscope.train import _set_aside_run_files
+
+    out = tmp_path / "run"
+    train(_config(epochs=1, save_every=8), out, quiet=True)
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    aside = out / ".replaced-run"
+    aside.mkdir()
+    os.replace(out / "checkpoint.pt", aside / "checkpoint.pt")  # as if killed after one move
+    _set_aside_run_files(str(out))
+    after = {p.relative_to(aside): p.read_bytes() for p in aside.rglob("*") if p.is_file()}
+    assert after == before  # the whole old run, nothing lost
+    assert not [p for p in out.rglob("*") if p.is_file() and aside not in p.parents]
+
+
 def test_a_diverged_fresh_run_leaves_no_files(tmp_path, capsys):
     out = tmp_path / "new"
     with pytest.raises(SharpscopeError, match="diverged"):

@@ -22,6 +22,7 @@ from ..landscape import (
     Surface,
     interpolation_for_checkpoints,
     landscape_for_checkpoint,
+    save_partial,
 )
 from .common import (
     add_device_argument,
@@ -230,8 +231,13 @@ def run(args: argparse.Namespace) -> int:
     try:
         with _sigterm_interrupts():
             surface = _compute(args, device, progress, partial)
+            if distributed.is_main_process():
+                try:
+                    surface.save(args.out)
+                except BaseException:  # full disk, SIGTERM: the points are not lost
+                    save_partial(surface, np.ones(surface.loss.shape, dtype=bool), partial)
+                    raise
         if distributed.is_main_process():
-            surface.save(args.out)
             print(_summary(args.out, surface))
     except KeyboardInterrupt:
         if distributed.is_main_process() and os.path.exists(partial):
