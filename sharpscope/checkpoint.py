@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import SharpscopeError
+from .errors import SharpscopeError, first_line
 from .models import build_model, model_spec
 
 FORMAT = "sharpscope-checkpoint"
@@ -96,7 +96,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
             f"{path}: not a readable checkpoint (not a torch.save file, or corrupt)"
         ) from None
     except Exception as exc:  # torch raises many types for garbage: KeyError, EOFError, ...
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         if isinstance(exc, RuntimeError) and "zip" in first.lower() or first.isdigit():
             first = "not a file written by torch.save"  # torch's words for text and garbage
         raise SharpscopeError(f"{path}: not a readable checkpoint ({first})") from None

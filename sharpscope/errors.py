@@ -7,3 +7,10 @@ The CLI turns a :class:`SharpscopeError` into one line on stderr and exit code 2
 
 class SharpscopeError(Exception):
     """Bad usage or bad input: the message is shown to the user as is."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of ``exc``'s message (its type's name if it has none): what a
+    one-line error says of an exception from torch or numpy."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

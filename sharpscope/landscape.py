@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from . import distributed
 from .checkpoint import atomic_write, load_checkpoint, read_checkpoint
 from .data import load_dataset
-from .errors import SharpscopeError
+from .errors import SharpscopeError, first_line
 from .losses import correct_count, get_loss
 from .objective import (
     Layout,
@@ -417,8 +417,9 @@ def load_surface(path: str | os.PathLike) -> Surface:
     except SharpscopeError:
         raise
     except Exception as exc:  # a zip error, a missing key, bad JSON: one message
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise SharpscopeError(f"{path}: not a sharpscope landscape file ({detail})") from None
+        raise SharpscopeError(
+            f"{path}: not a sharpscope landscape file ({first_line(exc)})"
+        ) from None
     if surface.kind not in KINDS:
         raise SharpscopeError(f"{path}: unknown landscape kind {surface.kind!r}")
     if surface.kind == "2d":

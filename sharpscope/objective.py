@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.func import functional_call
 
-from .errors import SharpscopeError
+from .errors import SharpscopeError, first_line
 from .losses import LossFn, correct_count, cross_entropy
 
 _NORM_TYPES = (
@@ -313,8 +313,9 @@ def model_fits_data() -> Iterator[None]:
     except (torch.OutOfMemoryError, dist.DistBackendError):
         raise  # not the data's fault: the full error, as it is
     except (RuntimeError, IndexError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise SharpscopeError(f"the model cannot be evaluated on this data: {first}") from exc
+        raise SharpscopeError(
+            f"the model cannot be evaluated on this data: {first_line(exc)}"
+        ) from exc
 
 
 def _shard(batches: list, rank: int, world: int) -> list:

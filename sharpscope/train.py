@@ -376,19 +376,33 @@ def _check_out(out: str, resume: bool, overwrite: bool) -> None:
             )
 
 
+def _run_file_names(out: str) -> list[str]:
+    """A run's files in ``out``, relative to it: RUN_FILES (present or not) and the
+    trajectory's step checkpoints; never anything else the folder holds."""
+    names = list(RUN_FILES)
+    traj = os.path.join(out, TRAJECTORY)
+    if os.path.isdir(traj):
+        names += [
+            os.path.join(TRAJECTORY, n)
+            for n in os.listdir(traj)
+            if n.startswith("step_") and n.endswith(".pt")
+        ]
+    return names
+
+
+def _remove_empty_trajectory(out: str) -> None:
+    traj = os.path.join(out, TRAJECTORY)
+    if os.path.isdir(traj) and not os.listdir(traj):
+        os.rmdir(traj)
+
+
 def _clear_run_files(out: str) -> None:
     """Delete an old run's files (and only those) from ``out``."""
-    for name in RUN_FILES:
+    for name in _run_file_names(out):
         path = os.path.join(out, name)
         if os.path.isfile(path):
             os.remove(path)
-    traj = os.path.join(out, TRAJECTORY)
-    if os.path.isdir(traj):
-        for name in os.listdir(traj):
-            if name.startswith("step_") and name.endswith(".pt"):
-                os.remove(os.path.join(traj, name))
-        if not os.listdir(traj):
-            shutil.rmtree(traj)
+    _remove_empty_trajectory(out)
 
 
 REPLACED = ".replaced-run"  # an old run's files while --overwrite's new run is under way
@@ -405,22 +419,14 @@ def _set_aside_run_files(out: str) -> None:
     # both is a newer run's copy and goes. So the folder always ends up whole.
     aside = os.path.join(out, REPLACED)
     os.makedirs(os.path.join(aside, TRAJECTORY), exist_ok=True)
-    moves = [(os.path.join(out, n), os.path.join(aside, n)) for n in RUN_FILES]
-    traj = os.path.join(out, TRAJECTORY)
-    if os.path.isdir(traj):
-        moves += [
-            (os.path.join(traj, n), os.path.join(aside, TRAJECTORY, n))
-            for n in os.listdir(traj)
-            if n.startswith("step_") and n.endswith(".pt")
-        ]
-    for source, target in moves:
+    for name in _run_file_names(out):
+        source, target = os.path.join(out, name), os.path.join(aside, name)
         if os.path.isfile(source):
             if os.path.exists(target):
                 os.remove(source)
             else:
                 os.replace(source, target)
-    if os.path.isdir(traj) and not os.listdir(traj):
-        os.rmdir(traj)
+    _remove_empty_trajectory(out)
 
 
 def _undo_new_run(out: str, existed: bool) -> None:
