@@ -105,27 +105,128 @@ def compare_checkpoints(
     _make_folder(out)
     stage = tempfile.mkdtemp(prefix=".compare-", dir=out)
     try:
-        document = _compare(
+        say = log or (lambda message: None)
+        evaluation = {
+            "split": split,
+            "samples": samples,
+            "batch_size": batch_size,
+            "seed": seed,
+            "device": str(device),
+        }
+        seconds: dict[str, float] = {}
+        document: dict[str, Any] = {
+            "command": "compare",
+            "checkpoints": [str(path_a), str(path_b)],
+            "settings": {
+                **evaluation,
+                "points": points,
+                "points_2d": points_2d,
+                "range": list(range),
+                "interpolation_range": list(interpolation_range),
+                "directions": directions,
+                "trace_samples": trace_samples,
+            },
+        }
+
+        # The interpolation first: it checks the architectures match, and names the models.
+        say("interpolation A -> B")
+        start = time.perf_counter()
+        interp = interpolation_for_checkpoints(
             path_a,
             path_b,
-            stage,
-            labels=labels,
             points=points,
-            points_2d=points_2d,
-            range=range,
-            interpolation_range=interpolation_range,
-            directions=directions,
+            range=interpolation_range,
             split=split,
             samples=samples,
             batch_size=batch_size,
-            seed=seed,
-            measure=measure,
-            trace_samples=trace_samples,
             device=device,
+            seed=seed,
+            labels=labels,
             progress=progress,
-            log=log,
-            training=training,
         )
+        seconds["interpolation"] = time.perf_counter() - start
+        labels = tuple(interp.settings["labels"])  # type: ignore[assignment]
+        if labels[0] == labels[1]:
+            labels = (f"{labels[0]} (A)", f"{labels[1]} (B)")
+            interp.settings["labels"] = list(labels)
+        document["labels"] = list(labels)
+        interp.save(os.path.join(stage, "interpolation.npz"))
+
+        measured: list[dict[str, Any]] = []
+        if measure:
+            start = time.perf_counter()
+            for path, label in zip((path_a, path_b), labels, strict=True):
+                say(f"measure {label}")
+                measured.append(
+                    measure_checkpoint(
+                        path,
+                        device=device,
+                        split=split,
+                        samples=samples,
+                        batch_size=batch_size,
+                        trace_samples=trace_samples,
+                        seed=seed,
+                        progress=progress,
+                    )
+                )
+            seconds["measure"] = time.perf_counter() - start
+        document["measure"] = measured
+
+        curves: list[Surface] = []
+        planes: list[Surface] = []
+        for dim, store, n in ((1, curves, points), (2, planes, points_2d)):
+            start = time.perf_counter()
+            for path, label, key in zip((path_a, path_b), labels, "ab", strict=True):
+                say(f"{dim}-D landscape of {label} ({n} points{' per axis' if dim == 2 else ''})")
+                surface = landscape_for_checkpoint(
+                    path,
+                    dim=dim,
+                    points=n,
+                    range=range,
+                    directions=directions,
+                    seed=seed,  # the same raw directions (and examples) for both models
+                    split=split,
+                    samples=samples,
+                    batch_size=batch_size,
+                    device=device,
+                    label=label,
+                    progress=progress,
+                )
+                surface.save(os.path.join(stage, f"{dim}d_{key}.npz"))
+                store.append(surface)
+            seconds[f"{dim}d"] = time.perf_counter() - start
+
+        say("figures")
+        start = time.perf_counter()
+        figures, logs = _draw_figures(stage, interp, curves, planes, labels)
+        seconds["figures"] = time.perf_counter() - start
+        scale = shared_color_scale([s.loss for s in planes])
+        document.update(
+            {
+                "interpolation": {
+                    "file": "interpolation.npz",
+                    **_curve_dict(interp),
+                    "barrier": interpolation_barrier(interp),
+                },
+                "1d": [
+                    {"label": s.settings["label"], "file": f"1d_{k}.npz", **_curve_dict(s)}
+                    for s, k in zip(curves, "ab", strict=True)
+                ],
+                "2d": [
+                    {"label": s.settings["label"], "file": f"2d_{k}.npz", **_plane_dict(s)}
+                    for s, k in zip(planes, "ab", strict=True)
+                ],
+                "color_scale": scale.to_dict(),
+                "1d_log": logs["1d"],
+                "interpolation_log": logs["interpolation"],
+                "figures": figures,
+                "seconds": seconds,
+            }
+        )
+        if training is not None:
+            document["training"] = training
+        _write_report(stage, document, measured, labels)
+        write_json(os.path.join(stage, "results.json"), _finite(document))
         for name in sorted(os.listdir(stage)):
             os.replace(os.path.join(stage, name), os.path.join(out, name))
     finally:
@@ -177,154 +278,6 @@ def _check_inputs(path_a: str, path_b: str, out: str) -> None:
         raise SharpscopeError(
             f"{path_a} and {path_b} have different architectures: nothing to compare"
         )
-
-
-def _compare(
-    path_a: str,
-    path_b: str,
-    out: str,
-    *,
-    labels: tuple[str, str] | None,
-    points: int,
-    points_2d: int,
-    range: tuple[float, float],  # noqa: A002 - the CLI's name
-    interpolation_range: tuple[float, float],
-    directions: str,
-    split: str,
-    samples: int | None,
-    batch_size: int,
-    seed: int,
-    measure: bool,
-    trace_samples: int,
-    device: torch.device | str,
-    progress: bool,
-    log: Callable[[str], None] | None,
-    training: dict[str, Any] | None,
-) -> dict[str, Any]:
-    """:func:`compare_checkpoints` once its checks have passed, writing into ``out``."""
-    say = log or (lambda message: None)
-    evaluation = {
-        "split": split,
-        "samples": samples,
-        "batch_size": batch_size,
-        "seed": seed,
-        "device": str(device),
-    }
-    seconds: dict[str, float] = {}
-    document: dict[str, Any] = {
-        "command": "compare",
-        "checkpoints": [str(path_a), str(path_b)],
-        "settings": {
-            **evaluation,
-            "points": points,
-            "points_2d": points_2d,
-            "range": list(range),
-            "interpolation_range": list(interpolation_range),
-            "directions": directions,
-            "trace_samples": trace_samples,
-        },
-    }
-
-    # The interpolation first: it checks the architectures match, and names the models.
-    say("interpolation A -> B")
-    start = time.perf_counter()
-    interp = interpolation_for_checkpoints(
-        path_a,
-        path_b,
-        points=points,
-        range=interpolation_range,
-        split=split,
-        samples=samples,
-        batch_size=batch_size,
-        device=device,
-        seed=seed,
-        labels=labels,
-        progress=progress,
-    )
-    seconds["interpolation"] = time.perf_counter() - start
-    labels = tuple(interp.settings["labels"])  # type: ignore[assignment]
-    if labels[0] == labels[1]:
-        labels = (f"{labels[0]} (A)", f"{labels[1]} (B)")
-        interp.settings["labels"] = list(labels)
-    document["labels"] = list(labels)
-    interp.save(os.path.join(out, "interpolation.npz"))
-
-    measured: list[dict[str, Any]] = []
-    if measure:
-        start = time.perf_counter()
-        for path, label in zip((path_a, path_b), labels, strict=True):
-            say(f"measure {label}")
-            measured.append(
-                measure_checkpoint(
-                    path,
-                    device=device,
-                    split=split,
-                    samples=samples,
-                    batch_size=batch_size,
-                    trace_samples=trace_samples,
-                    seed=seed,
-                    progress=progress,
-                )
-            )
-        seconds["measure"] = time.perf_counter() - start
-    document["measure"] = measured
-
-    curves: list[Surface] = []
-    planes: list[Surface] = []
-    for dim, store, n in ((1, curves, points), (2, planes, points_2d)):
-        start = time.perf_counter()
-        for path, label, key in zip((path_a, path_b), labels, "ab", strict=True):
-            say(f"{dim}-D landscape of {label} ({n} points{' per axis' if dim == 2 else ''})")
-            surface = landscape_for_checkpoint(
-                path,
-                dim=dim,
-                points=n,
-                range=range,
-                directions=directions,
-                seed=seed,  # the same raw directions (and examples) for both models
-                split=split,
-                samples=samples,
-                batch_size=batch_size,
-                device=device,
-                label=label,
-                progress=progress,
-            )
-            surface.save(os.path.join(out, f"{dim}d_{key}.npz"))
-            store.append(surface)
-        seconds[f"{dim}d"] = time.perf_counter() - start
-
-    say("figures")
-    start = time.perf_counter()
-    figures, logs = _draw_figures(out, interp, curves, planes, labels)
-    seconds["figures"] = time.perf_counter() - start
-    scale = shared_color_scale([s.loss for s in planes])
-    document.update(
-        {
-            "interpolation": {
-                "file": "interpolation.npz",
-                **_curve_dict(interp),
-                "barrier": interpolation_barrier(interp),
-            },
-            "1d": [
-                {"label": s.settings["label"], "file": f"1d_{k}.npz", **_curve_dict(s)}
-                for s, k in zip(curves, "ab", strict=True)
-            ],
-            "2d": [
-                {"label": s.settings["label"], "file": f"2d_{k}.npz", **_plane_dict(s)}
-                for s, k in zip(planes, "ab", strict=True)
-            ],
-            "color_scale": scale.to_dict(),
-            "1d_log": logs["1d"],
-            "interpolation_log": logs["interpolation"],
-            "figures": figures,
-            "seconds": seconds,
-        }
-    )
-    if training is not None:
-        document["training"] = training
-    _write_report(out, document, measured, labels)
-    write_json(os.path.join(out, "results.json"), _finite(document))
-    return document
 
 
 def interpolation_barrier(surface: Surface) -> dict[str, float]:
