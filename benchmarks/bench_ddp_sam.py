@@ -56,7 +56,7 @@ def main() -> None:
     if args.quick:
         args.width = args.width or 8
         args.batch_size = min(args.batch_size, 32)
-    from sharpscope.commands.common import resolve_device
+    from sharpscope.devices import resolve_device
 
     device = distributed.init_from_environment(resolve_device(args.device))
     world = distributed.world_size()

@@ -17,48 +17,21 @@ same folder, fsync, rename), so a crash never leaves a truncated file.
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
-import tempfile
 import warnings
-from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
 from .errors import SharpscopeError, first_line
+from .files import atomic_write
 from .models import build_model, model_spec
 
 FORMAT = "sharpscope-checkpoint"
 VERSION = 1
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp_path)`` then rename the temp file onto ``path``.
-
-    The temp file lives in the destination folder so the rename is atomic; on any
-    error it is removed and ``path`` is left as it was.
-    """
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise SharpscopeError(f"cannot write {path}: folder {folder} does not exist")
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.splitext(path)[1])
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        # mkstemp makes the file 0600; give it the permissions open() would have.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> None:
@@ -101,17 +74,58 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
             first = "not a file written by torch.save"  # torch's words for text and garbage
         raise SharpscopeError(f"{path}: not a readable checkpoint ({first})") from None
     if isinstance(obj, dict) and obj.get("format") == FORMAT:
-        if obj.get("version", 0) > VERSION:
-            raise SharpscopeError(
-                f"{path}: checkpoint version {obj['version']} is newer than this sharpscope "
-                f"reads ({VERSION}); upgrade sharpscope"
-            )
+        _check_fields(path, obj)
         return obj
     if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        return {"state_dict": obj}
+        return {"state_dict": _state_dict(path, obj)}
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        return {"state_dict": obj["state_dict"]}
+        return {"state_dict": _state_dict(path, obj["state_dict"])}
     raise SharpscopeError(f"{path}: not a sharpscope checkpoint or a state_dict")
+
+
+# The entries of a sharpscope checkpoint and the type each must have.
+_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "model": dict,
+    "data": (dict, type(None)),
+    "config": dict,
+    "metrics": dict,
+    "resume": dict,
+}
+
+
+def _check_fields(path: str, obj: dict[str, Any]) -> None:
+    """Refuse, in one line, a sharpscope checkpoint whose entries have the wrong types."""
+    version = obj.get("version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise SharpscopeError(f"{path}: a damaged checkpoint (format version {version!r})")
+    if version > VERSION:
+        raise SharpscopeError(
+            f"{path}: checkpoint version {version} is newer than this sharpscope "
+            f"reads ({VERSION}); upgrade sharpscope"
+        )
+    if "state_dict" not in obj:
+        raise SharpscopeError(f"{path}: a damaged checkpoint (no state_dict)")
+    _state_dict(path, obj["state_dict"])
+    for key, kind in _FIELDS.items():
+        if key in obj and not isinstance(obj[key], kind):
+            raise SharpscopeError(
+                f"{path}: a damaged checkpoint ({key!r} is a {type(obj[key]).__name__})"
+            )
+    if "model" in obj:
+        spec = obj["model"]
+        name, kwargs = spec.get("name"), spec.get("kwargs", {})
+        if not isinstance(name, str) or not name:
+            raise SharpscopeError(f"{path}: a damaged checkpoint (its model has no name)")
+        if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+            raise SharpscopeError(f"{path}: a damaged checkpoint (model kwargs are not a dict)")
+
+
+def _state_dict(path: str, state: Any) -> dict[str, torch.Tensor]:
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise SharpscopeError(f"{path}: a damaged checkpoint (its state_dict is not name: tensor)")
+    return state
 
 
 def load_checkpoint(
@@ -119,31 +133,39 @@ def load_checkpoint(
     *,
     model: str | dict[str, Any] | nn.Module | None = None,
     data: str | dict[str, Any] | None = None,
+    data_dir: str | None = None,
+    download: bool = False,
+    trust_code: bool = False,
     device: str | torch.device = "cpu",
     **model_options: Any,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the model saved at ``path`` and return ``(model, metadata)``.
 
-    For a sharpscope checkpoint nothing else is needed. For a plain state_dict
-    name the architecture: a registry name or ``package.module:factory`` (then
-    ``data`` names the data set that fixes input shape and class count, and
-    ``model_options`` go to the factory), a full model spec dict, or a module to
-    load the weights into. ``metadata`` is the checkpoint without its
-    ``state_dict``, with "model" and "data" filled in. The model is returned in
-    eval mode on ``device``.
+    A file is data, never code. The architecture a checkpoint records is built when it
+    is a registry model; a factory it names (``package.module:factory``) is imported
+    only if ``model`` names the same factory, or with ``trust_code=True``. Its data set
+    must be a registry one, and the folder and download flag it records are ignored:
+    ``data_dir`` and ``download`` are the caller's.
+
+    For a plain state_dict name the architecture: a registry name or
+    ``package.module:factory`` (then ``data`` names the data set that fixes input shape
+    and class count, and ``model_options`` go to the factory), a full model spec dict,
+    or a module to load the weights into. ``metadata`` is the checkpoint without its
+    ``state_dict``, with "model" and "data" filled in (the data spec the caller's
+    folder and download flag apply to). The model is returned in eval mode on
+    ``device``.
     """
+    path = os.fspath(path)
     ckpt = read_checkpoint(path)
     meta = {k: v for k, v in ckpt.items() if k not in ("state_dict", "resume")}
+    spec_of_data = _data_spec_for(path, ckpt, data, data_dir, download)
+    meta["data"] = spec_of_data
     if isinstance(model, nn.Module):
         net = model
     else:
-        spec = _model_spec_for(path, ckpt, model, data, model_options)
-        net = build_model(spec)
+        spec = _model_spec_for(path, ckpt, model, spec_of_data, model_options, trust_code)
+        net = build_model(spec, weights=ckpt["state_dict"], source=path)
         meta["model"] = spec
-    if data is not None:
-        from .data import data_spec
-
-        meta["data"] = data_spec(data) if isinstance(data, str) else dict(data)
     try:
         net.load_state_dict(ckpt["state_dict"])
     except RuntimeError as exc:
@@ -153,25 +175,112 @@ def load_checkpoint(
     return net.to(device).eval(), meta
 
 
-def _model_spec_for(path, ckpt, model, data, options) -> dict[str, Any]:
+def _data_spec_for(path, ckpt, data, data_dir, download) -> dict[str, Any] | None:
+    """The data spec a checkpoint is evaluated on: the caller's, else the file's made
+    safe (registry name, checked fields, the caller's folder and download flag)."""
+    from .data import data_spec, data_spec_from_file
+
+    if isinstance(data, dict):
+        return dict(data)
+    if isinstance(data, str):
+        return data_spec(data, data_dir=data_dir, download=download)
+    if ckpt.get("data") is None:
+        return None
+    return data_spec_from_file(ckpt["data"], path, data_dir=data_dir, download=download)
+
+
+def _model_spec_for(path, ckpt, model, data, options, trust_code) -> dict[str, Any]:
     if isinstance(model, dict):
         return model
+    saved = ckpt.get("model")
     if model is None:
-        if "model" not in ckpt:
+        if saved is None:
             raise SharpscopeError(
                 f"{path}: a plain state_dict; name its architecture with --model "
                 "(and --data for its input shape)"
             )
-        spec = dict(ckpt["model"])
+        check_trusted_model(saved["name"], path, trust_code=trust_code)
+        spec = {"name": saved["name"], "kwargs": dict(saved.get("kwargs", {}))}
         if options:
-            spec["kwargs"] = {**spec.get("kwargs", {}), **options}
+            spec["kwargs"] = {**spec["kwargs"], **options}
         return spec
-    saved = ckpt.get("model")
-    if saved is not None and saved.get("name") == model and not options:
-        return saved
+    if saved is not None and saved["name"] == model and not options:
+        return {"name": saved["name"], "kwargs": dict(saved.get("kwargs", {}))}
     from .data import load_dataset
 
-    if data is None and "data" not in ckpt:
+    if data is None:
         raise SharpscopeError(f"--model {model} needs --data to know the input shape and classes")
-    ds = load_dataset(data if data is not None else ckpt["data"])
+    ds = load_dataset(data)
     return model_spec(model, ds.input_shape, ds.num_classes, **options)
+
+
+def check_trusted_model(name: str, source: str, *, named: str | None = None, trust_code=False):
+    """Refuse a model factory that a file names unless the user named the same one.
+
+    Registry models are plain data; a ``package.module:factory`` is code, imported and
+    called only when the user asked for it: ``named`` (their own ``--model``) is the
+    same name, or ``trust_code``. The message says how to ask.
+    """
+    from .models import MODELS
+
+    if name in MODELS or trust_code or named == name:
+        return
+    raise SharpscopeError(
+        f"{source} names the model factory {name!r}, which is code: sharpscope runs code "
+        f"named in a file only when you name it too (--model {name}, or model= / "
+        "trust_code=True in Python)"
+    )
+
+
+def load_model_and_data(
+    path: str,
+    *,
+    model: str | None = None,
+    data: str | dict[str, Any] | None = None,
+    model_options: dict[str, Any] | None = None,
+    device: torch.device | str = "cpu",
+    data_dir: str | None = None,
+    download: bool = False,
+    trust_code: bool = False,
+    datasets: dict[str, Any] | None = None,
+) -> tuple[nn.Module, Any, dict[str, Any]]:
+    """``(model, dataset, metadata)`` rebuilt from checkpoint ``path``
+    (:func:`~sharpscope.checkpoint.load_checkpoint`, :func:`~sharpscope.data.load_dataset`).
+
+    For a plain state_dict, ``model`` (registry name or ``package.module:factory``, with
+    ``model_options``) and ``data`` name them. A factory the checkpoint itself names is
+    run only when ``model`` names the same one, or with ``trust_code``. ``data_dir`` and
+    ``download`` say where CIFAR data lies and whether it may be fetched; a checkpoint's
+    own records of either are ignored. ``datasets``, a dict kept between calls, lets
+    checkpoints of one data set share it instead of loading it again.
+    """
+    net, meta = load_checkpoint(
+        path,
+        model=model,
+        data=data,
+        data_dir=data_dir,
+        download=download,
+        trust_code=trust_code,
+        device=device,
+        **(model_options or {}),
+    )
+    from .data import load_dataset
+
+    spec = meta.get("data")
+    if spec is None:
+        raise SharpscopeError(f"{path}: no data set recorded; name one with --data")
+    datasets = {} if datasets is None else datasets
+    key = json.dumps(spec, sort_keys=True, default=str)
+    if key not in datasets:
+        datasets[key] = load_dataset(spec)
+    return net, datasets[key], meta
+
+
+def checkpoint_loss(meta: dict[str, Any], source: str = "the checkpoint") -> str:
+    """The loss a checkpoint was trained with (its config's "loss"; "ce" if none)."""
+    from .losses import LOSSES
+
+    loss = (meta.get("config") or {}).get("loss", "ce")
+    if not isinstance(loss, str) or loss not in LOSSES:
+        raise SharpscopeError(f"{source}: unknown loss {loss!r} in its config")
+    return loss

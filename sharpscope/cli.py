@@ -44,26 +44,26 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--version", action="version", version=f"sharpscope {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=ArgumentParser)
     for name in COMMANDS:
-        try:
-            module = importlib.import_module(f".commands.{name}", __package__)
-        except ModuleNotFoundError as exc:
-            if exc.name == f"{__package__}.commands.{name}":
-                continue  # not built yet
-            raise
-        module.register(sub)
+        importlib.import_module(f".commands.{name}", __package__).register(sub)
     parser.set_defaults(_subparsers=sub.choices)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args, extra = parser.parse_known_args(argv)
     if extra:  # reported by the subcommand's parser, which names itself
         command = args._subparsers.get(getattr(args, "command", None) or "", parser)
         command.error(f"unrecognized arguments: {' '.join(extra)}")
     if not getattr(args, "func", None):
-        parser.print_help(sys.stderr)
+        print(
+            f"usage: sharpscope COMMAND ... ({', '.join(COMMANDS)}); sharpscope --help for more",
+            file=sys.stderr,
+        )
         return 2
+    # What followed the command name: a command can tell the options given from defaults.
+    args._argv = argv[argv.index(args.command) + 1 :]
     try:
         return int(args.func(args) or 0)
     except SharpscopeError as exc:

@@ -131,6 +131,53 @@ def data_spec(
     return spec
 
 
+# The keys of a data spec that say where the data lies and whether it may be fetched:
+# the user's machine's business, never taken from a file, not part of what the data is.
+LOCATION_KEYS = ("data_dir", "download")
+
+
+def without_location(spec: dict[str, Any] | None) -> dict[str, Any] | None:
+    """``spec`` without its LOCATION_KEYS: what the data set is, wherever it lies."""
+    return None if spec is None else {k: v for k, v in spec.items() if k not in LOCATION_KEYS}
+
+
+def data_spec_from_file(
+    spec: Any, source: str, *, data_dir: str | None = None, download: bool = False
+) -> dict[str, Any]:
+    """A data spec read from a file (checkpoint, resume point), made safe to load.
+
+    Only registry data sets, with fields of the right types; the folder and the
+    download flag the file records are dropped for the caller's ``data_dir`` and
+    ``download``: a file never makes sharpscope create folders or download.
+    """
+    if isinstance(spec, str):
+        spec = {"name": spec}
+    if not isinstance(spec, dict):
+        raise SharpscopeError(f"{source}: its data entry is not a data-set description")
+    name = spec.get("name")
+    if not isinstance(name, str) or name not in DATASETS:
+        raise SharpscopeError(
+            f"{source}: unknown data set {name!r} (sharpscope reads {', '.join(DATASETS)})"
+        )
+    subset = spec.get("train_subset")
+    if subset is not None and not _is_count(subset):
+        raise SharpscopeError(f"{source}: bad train_subset {subset!r} in its data entry")
+    synthetic = spec.get("synthetic") if name == "synthetic" else None
+    if synthetic is not None:
+        if not isinstance(synthetic, dict) or set(synthetic) - set(SYNTHETIC_DEFAULTS):
+            raise SharpscopeError(f"{source}: bad synthetic data settings {synthetic!r}")
+        for key, value in synthetic.items():
+            if not (_is_count(value) or (key == "seed" and value == 0)):
+                raise SharpscopeError(f"{source}: bad synthetic {key} {value!r}")
+    return data_spec(
+        name, train_subset=subset, data_dir=data_dir, download=download, synthetic=synthetic
+    )
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
 def load_dataset(spec: dict[str, Any] | str) -> Dataset:
     """Build the data set described by ``spec`` (a name or a :func:`data_spec` dict)."""
     if isinstance(spec, str):
@@ -201,10 +248,19 @@ def _mnist1d() -> Dataset:
 SYNTHETIC_DEFAULTS = {"n_train": 1024, "n_test": 512, "dim": 16, "classes": 4, "seed": 0}
 
 
+# At most this many numbers in a synthetic data set (1 GiB of float32).
+MAX_SYNTHETIC_ELEMENTS = 2**28
+
+
 def _synthetic(n_train: int, n_test: int, dim: int, classes: int, seed: int) -> Dataset:
     """A Gaussian mixture: one unit-variance blob per class around random centres."""
     if min(n_train, n_test, dim, classes) <= 0:
         raise SharpscopeError("synthetic data needs positive n_train, n_test, dim and classes")
+    if (n_train + n_test + classes) * dim > MAX_SYNTHETIC_ELEMENTS:
+        raise SharpscopeError(
+            f"synthetic data of {n_train} + {n_test} examples of dimension {dim} is too large "
+            f"(at most {MAX_SYNTHETIC_ELEMENTS} numbers)"
+        )
     g = torch.Generator().manual_seed(seed)
     centres = 2.0 * torch.randn(classes, dim, generator=g)
 

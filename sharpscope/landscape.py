@@ -37,9 +37,10 @@ from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from . import distributed
-from .checkpoint import atomic_write, load_checkpoint, read_checkpoint
-from .data import load_dataset
+from .checkpoint import checkpoint_loss, load_model_and_data, read_checkpoint
+from .data import without_location
 from .errors import SharpscopeError, first_line
+from .files import atomic_write
 from .losses import correct_count, get_loss
 from .objective import (
     Layout,
@@ -65,6 +66,9 @@ DEFAULT_POINTS = 51
 # grid exactly.
 INTERPOLATION_RANGE = (-0.5, 1.5)
 INTERPOLATION_POINTS = 401
+# The most grid points one surface may have (a 51 x 51 figure has 2,601): every point
+# is at least one pass over the examples, and the grid's arrays are allocated up front.
+MAX_GRID_POINTS = 10**6
 # range="auto": double the half-width from AUTO_START until the loss at every edge is
 # AUTO_FACTOR x the centre loss (our choice: one decade of loss, enough to show the
 # basin's walls on a log color scale), at most AUTO_MAX_DOUBLINGS times (up to 256).
@@ -437,6 +441,20 @@ def load_surface(path: str | os.PathLike) -> Surface:
     ):
         raise SharpscopeError(f"{path}: trajectory must be (k, 2)")
     return surface
+
+
+def check_grid_points(nx: Any, ny: Any = 1) -> tuple[int, int]:
+    """``(nx, ny)`` if a grid of nx x ny points (ny = 1: a curve) can be computed: whole
+    numbers of at least 1, and at most MAX_GRID_POINTS in all."""
+    for n in (nx, ny):
+        if not isinstance(n, int | np.integer) or isinstance(n, bool) or n < 1:
+            raise SharpscopeError(f"a landscape needs a positive whole number of points, got {n!r}")
+    if nx * ny > MAX_GRID_POINTS:
+        raise SharpscopeError(
+            f"a grid of {nx} x {ny} = {nx * ny:.3g} points is too large "
+            f"(at most {MAX_GRID_POINTS:,}; Li et al.'s figures use 51 x 51)"
+        )
+    return int(nx), int(ny)
 
 
 def grid_coordinates(low: float, high: float, points: int) -> np.ndarray:
@@ -985,13 +1003,14 @@ def auto_range(
 _builtin_range = range  # ``range`` is a keyword argument of the two functions below
 
 
-def _evaluation_data(meta, path, split, samples, seed, device):
-    """(data set, (x, y) the fixed examples, loss function) a checkpoint is evaluated on."""
-    if meta.get("data") is None:
-        raise SharpscopeError(f"{path}: no data set recorded in the checkpoint")
-    dataset = load_dataset(meta["data"]).to(device)
-    loss_fn = get_loss((meta.get("config") or {}).get("loss", "ce"))
-    return dataset, dataset.examples(split, samples, seed=seed), loss_fn
+def _load(path, loading: dict[str, Any], split, samples, seed, device):
+    """(model, metadata, data set, the fixed examples (x, y), loss function) of the
+    checkpoint at ``path``, rebuilt with the caller's ``loading`` options
+    (:func:`~sharpscope.checkpoint.load_model_and_data`)."""
+    net, dataset, meta = load_model_and_data(path, device=device, **loading)
+    dataset = dataset.to(device)
+    loss_fn = get_loss(checkpoint_loss(meta, path))
+    return net, meta, dataset, dataset.examples(split, samples, seed=seed), loss_fn
 
 
 def _training_batches(dataset, samples, batch_size, seed) -> list:
@@ -1057,6 +1076,12 @@ def landscape_for_checkpoint(
     batched: bool | None = None,
     distribute: str = "points",
     progress: bool = False,
+    model: str | None = None,
+    model_options: dict[str, Any] | None = None,
+    data: str | None = None,
+    data_dir: str | None = None,
+    download: bool = False,
+    trust_code: bool = False,
 ) -> Surface:
     """The 1-D or 2-D loss landscape of the model in checkpoint ``path``.
 
@@ -1088,6 +1113,11 @@ def landscape_for_checkpoint(
         distribute: under torchrun, split the grid points ("points", default) or the
             examples ("examples") over the ranks (see DISTRIBUTE). Directions and the
             automatic range are computed on example shards either way.
+        model, model_options, data, data_dir, download, trust_code: how to rebuild
+            the checkpoint (:func:`~sharpscope.checkpoint.load_model_and_data`): a
+            model factory the file names runs only if ``model`` names it too or with
+            ``trust_code``; CIFAR data is read from ``data_dir`` (never from a folder
+            the file names) and fetched only with ``download``.
 
     The settings record everything needed to remake the surface: checkpoint, label,
     split, n_examples, seed, directions, normalization, include_1d, orthogonalize,
@@ -1097,9 +1127,7 @@ def landscape_for_checkpoint(
         raise SharpscopeError(f"dim must be 1 or 2, got {dim}")
     if directions not in DIRECTIONS:
         raise SharpscopeError(f"unknown directions {directions!r}: choose {', '.join(DIRECTIONS)}")
-    nx, ny = (points, points) if isinstance(points, int) else tuple(points)
-    if min(nx, ny) < 1:
-        raise SharpscopeError(f"a landscape needs at least 1 point per axis, got {points}")
+    nx, ny = check_grid_points(*([points] * dim if isinstance(points, int) else points))
     if range is None:
         range = "auto" if directions in ("hessian", "pca") else DEFAULT_RANGE
     range = _check_range(range)
@@ -1108,8 +1136,15 @@ def landscape_for_checkpoint(
     if orthogonalize and dim != 2:
         raise SharpscopeError("orthogonalize applies to 2-D landscapes (two directions)")
     _check_distribute(distribute)
-    net, meta = load_checkpoint(path, device=device)
-    dataset, examples, loss_fn = _evaluation_data(meta, path, split, samples, seed, device)
+    loading = {
+        "model": model,
+        "model_options": model_options,
+        "data": data,
+        "data_dir": data_dir,
+        "download": download,
+        "trust_code": trust_code,
+    }
+    net, meta, dataset, examples, loss_fn = _load(path, loading, split, samples, seed, device)
     obj = Objective(
         net, examples, loss_fn, batch_size=batch_size, device=device, param_filter=param_filter
     )
@@ -1168,7 +1203,7 @@ def landscape_for_checkpoint(
         "param_filter": obj.param_filter,
         "loss_function": (meta.get("config") or {}).get("loss", "ce"),
         "model": meta.get("model"),
-        "data": meta.get("data"),
+        "data": without_location(meta.get("data")),
         **_distribution(distribute),
         **extra,
     }
@@ -1221,6 +1256,12 @@ def interpolation_for_checkpoints(
     batched: bool | None = None,
     distribute: str = "points",
     progress: bool = False,
+    model: str | None = None,
+    model_options: dict[str, Any] | None = None,
+    data: str | None = None,
+    data_dir: str | None = None,
+    download: bool = False,
+    trust_code: bool = False,
 ) -> Surface:
     """The interpolation curve L((1 - t) w_A + t w_B) between two checkpoints.
 
@@ -1228,15 +1269,27 @@ def interpolation_for_checkpoints(
     The grid holds t = 0 and t = 1 exactly when the range contains them, so the curve's
     ends are L(w_A) and L(w_B) (for BatchNorm networks: with ``include_buffers`` or
     ``bn_recalibrate``; see :func:`interpolation`). ``labels``: the models' names
-    (default: their optimizers); ``label``: the curve's (default "A → B").
+    (default: their optimizers); ``label``: the curve's (default "A → B"). ``model``,
+    ``model_options``, ``data``, ``data_dir``, ``download`` and ``trust_code`` rebuild
+    both checkpoints as in :func:`landscape_for_checkpoint`.
     """
     low, high = _check_range(range)
-    if points < 1:
-        raise SharpscopeError(f"an interpolation needs at least 1 point, got {points}")
+    check_grid_points(points)
     if include_buffers and bn_recalibrate:
         raise SharpscopeError("interpolate BatchNorm statistics or recalibrate them, not both")
-    model_a, meta_a = load_checkpoint(path_a, device=device)
-    model_b, meta_b = load_checkpoint(path_b, device=device)
+    loading = {
+        "model": model,
+        "model_options": model_options,
+        "data": data,
+        "data_dir": data_dir,
+        "download": download,
+        "trust_code": trust_code,
+        "datasets": {},  # B is evaluated on A's data: loaded once
+    }
+    model_a, meta_a, dataset, examples, loss_fn = _load(
+        path_a, loading, split, samples, seed, device
+    )
+    model_b, meta_b = load_model_and_data(path_b, device=device, **loading)[::2]
     if meta_a.get("model") != meta_b.get("model"):
         raise SharpscopeError(
             f"{path_a} and {path_b} have different architectures: nothing to interpolate"
@@ -1244,7 +1297,6 @@ def interpolation_for_checkpoints(
     _check_same_architecture(
         parameter_layout(model_a, param_filter), dict(model_b.named_parameters())
     )
-    dataset, examples, loss_fn = _evaluation_data(meta_a, path_a, split, samples, seed, device)
     ts = grid_coordinates(low, high, points)
     if low <= 1 <= high:
         i = int(np.argmin(np.abs(ts - 1)))
@@ -1265,7 +1317,7 @@ def interpolation_for_checkpoints(
         "param_filter": param_filter if isinstance(param_filter, str) else "custom",
         "loss_function": (meta_a.get("config") or {}).get("loss", "ce"),
         "model": meta_a.get("model"),
-        "data": meta_a.get("data"),
+        "data": without_location(meta_a.get("data")),
     }
     bn_batches = _training_batches(dataset, samples, batch_size, seed) if bn_recalibrate else None
     return interpolation(

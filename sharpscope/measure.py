@@ -11,7 +11,6 @@ checkpoint), :func:`check_model` (one model: parameter count, finite loss), then
 from __future__ import annotations
 
 import inspect
-import json
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -19,9 +18,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import load_checkpoint
-from .data import Dataset, load_dataset
+from .checkpoint import checkpoint_loss, load_model_and_data
+from .data import Dataset
 from .errors import SharpscopeError
+from .files import json_safe
 from .hessian import METHODS, hessian_density, hessian_eigenvalues, hessian_trace
 from .losses import get_loss
 from .objective import PARAM_FILTERS, Objective, model_fits_data
@@ -284,57 +284,7 @@ def measure(
     if density:
         hessian["density"] = hessian_density(obj, seed=seed, progress=progress).to_dict()
     doc["hessian"] = hessian
-    return _finite_or_none(doc)
-
-
-def _finite_or_none(value: Any) -> Any:
-    """``value`` with NaN and infinities replaced by None, so the JSON is strict."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite_or_none(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite_or_none(v) for v in value]
-    return value
-
-
-def load_model_and_data(
-    path: str,
-    *,
-    model: str | None = None,
-    data: str | dict[str, Any] | None = None,
-    model_options: dict[str, Any] | None = None,
-    device: torch.device | str = "cpu",
-    data_dir: str | None = None,
-    datasets: dict[str, Dataset] | None = None,
-) -> tuple[nn.Module, Dataset, dict[str, Any]]:
-    """``(model, dataset, metadata)`` rebuilt from checkpoint ``path``
-    (:func:`~sharpscope.checkpoint.load_checkpoint`, :func:`~sharpscope.data.load_dataset`).
-
-    For a plain state_dict, ``model`` (registry name or ``package.module:factory``, with
-    ``model_options``) and ``data`` name them. ``data_dir`` replaces the folder a
-    CIFAR spec points at (checkpoints record the training machine's). ``datasets``, a dict
-    kept between calls, lets checkpoints of one data set share it instead of loading it
-    again.
-    """
-    net, meta = load_checkpoint(
-        path, model=model, data=data, device=device, **(model_options or {})
-    )
-    spec = meta.get("data")
-    if spec is None:
-        raise SharpscopeError(f"{path}: no data set recorded; name one with --data")
-    if data_dir is not None and "data_dir" in spec:
-        spec = meta["data"] = {**spec, "data_dir": data_dir}
-    datasets = {} if datasets is None else datasets
-    key = json.dumps(spec, sort_keys=True, default=str)
-    if key not in datasets:
-        datasets[key] = load_dataset(spec)
-    return net, datasets[key], meta
-
-
-def checkpoint_loss(meta: dict[str, Any]) -> str:
-    """The loss a checkpoint was trained with (its config's "loss"; "ce" if none)."""
-    return (meta.get("config") or {}).get("loss", "ce")
+    return json_safe(doc)
 
 
 def measure_checkpoint(
@@ -345,12 +295,15 @@ def measure_checkpoint(
     model_options: dict[str, Any] | None = None,
     device: torch.device | str = "cpu",
     data_dir: str | None = None,
+    download: bool = False,
+    trust_code: bool = False,
     **measure_kwargs: Any,
 ) -> dict[str, Any]:
     """Rebuild the model and data saved in checkpoint ``path`` and :func:`measure` them.
 
     For a plain state_dict, ``model`` (registry name or ``package.module:factory``) and
-    ``data`` name them; ``data_dir`` as in :func:`load_model_and_data`. The loss is the
+    ``data`` name them; ``data_dir``, ``download`` and ``trust_code`` as in
+    :func:`load_model_and_data`. The loss is the
     one the checkpoint was trained with unless ``loss`` is given. The document gains
     "checkpoint", "model" and "data" entries.
     """
@@ -362,6 +315,8 @@ def measure_checkpoint(
         model_options=model_options,
         device=device,
         data_dir=data_dir,
+        download=download,
+        trust_code=trust_code,
     )
     measure_kwargs.setdefault("loss", checkpoint_loss(meta))
     doc = measure(net, dataset, device=device, **measure_kwargs)

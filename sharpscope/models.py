@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import math
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -233,7 +234,10 @@ def model_spec(
     """
     factory = _resolve(name)
     kwargs: dict[str, Any] = {"input_shape": list(input_shape), "num_classes": int(num_classes)}
-    accepted = inspect.signature(factory).parameters
+    try:
+        accepted = inspect.signature(factory).parameters
+    except (TypeError, ValueError):  # a builtin without a signature: not a model factory
+        raise SharpscopeError(f"--model {name}: not a model factory (no signature)") from None
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
     for key, value in options.items():
         if value is None:
@@ -246,30 +250,163 @@ def model_spec(
     return {"name": name, "kwargs": kwargs}
 
 
-def build_model(spec: dict[str, Any]) -> nn.Module:
-    """Instantiate the model described by ``spec`` (see :func:`model_spec`)."""
-    factory = _resolve(spec["name"])
+# The types of the registry models' keywords, checked before a spec read from a file is
+# built (a factory given a string width fails deep inside torch, not with a message).
+_KWARG_KINDS = {
+    "input_shape": "shape",
+    "num_classes": "count",
+    "width": "count",
+    "depth": "int",
+    "activation": "str",
+    "batchnorm": "bool",
+    "dropout": "fraction",
+}
+
+
+def _check_registry_kwargs(name: str, kwargs: dict[str, Any]) -> None:
+    for key, value in kwargs.items():
+        kind = _KWARG_KINDS.get(key)
+        is_int = isinstance(value, int) and not isinstance(value, bool)
+        ok = {
+            None: True,  # unknown keywords: the factory's signature refuses them
+            "shape": isinstance(value, list | tuple)
+            and 1 <= len(value) <= 4
+            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value),
+            "count": is_int and value >= 1,
+            "int": is_int,
+            "str": isinstance(value, str),
+            "bool": isinstance(value, bool),
+            "fraction": isinstance(value, int | float)
+            and not isinstance(value, bool)
+            and 0 <= value < 1,
+        }[kind]
+        if not ok:
+            raise SharpscopeError(f"cannot build model {name!r}: bad {key} {value!r}")
+
+
+def check_spec(spec: Any, source: str = "model spec") -> tuple[str, dict[str, Any]]:
+    """``(name, kwargs)`` of a model spec, or one line saying what is wrong with it."""
+    if not isinstance(spec, dict):
+        raise SharpscopeError(f"{source}: a model spec must be a dict, got {type(spec).__name__}")
+    name, kwargs = spec.get("name"), spec.get("kwargs", {})
+    if not isinstance(name, str) or not name:
+        raise SharpscopeError(f"{source}: the model spec has no name")
+    if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+        raise SharpscopeError(f"{source}: the model's kwargs are not a dict")
+    if name in MODELS:
+        _check_registry_kwargs(name, kwargs)
+    return name, kwargs
+
+
+def model_size(spec: dict[str, Any]) -> int | None:
+    """Bytes of the parameters and buffers of the model ``spec`` describes, found by
+    building it on the ``meta`` device (shapes only, nothing allocated); None when a
+    user's factory cannot be built there."""
+    model = _on_meta(spec)
+    if model is None:
+        return None
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+
+
+def _on_meta(spec: dict[str, Any], source: str = "model spec") -> nn.Module | None:
+    name, kwargs = check_spec(spec, source)
+    factory = _resolve(name)
     try:
-        model = factory(**spec.get("kwargs", {}))
-    except TypeError as exc:
-        raise SharpscopeError(f"cannot build model {spec['name']!r}: {exc}") from None
+        with torch.device("meta"):
+            return factory(**kwargs)
+    except SharpscopeError:
+        raise
+    except Exception as exc:
+        if name in MODELS:  # our own factories run on meta: the spec is wrong
+            raise SharpscopeError(f"cannot build model {name!r}: {_first(exc)}") from None
+        return None  # a user's factory may need real tensors; it is built for real
+
+
+def build_model(
+    spec: dict[str, Any],
+    *,
+    weights: dict[str, torch.Tensor] | None = None,
+    max_bytes: int | None = None,
+    source: str = "model spec",
+) -> nn.Module:
+    """Instantiate the model described by ``spec`` (see :func:`model_spec`).
+
+    The model is first built on the ``meta`` device, which allocates nothing: a spec
+    whose parameter shapes differ from ``weights`` (the state_dict it is for), or whose
+    parameters and buffers would take more than ``max_bytes``, is refused before any
+    memory is taken (a checkpoint cannot make sharpscope allocate more than it holds).
+    """
+    name, kwargs = check_spec(spec, source)
+    if weights is not None or max_bytes is not None:
+        skeleton = _on_meta(spec, source)
+        if skeleton is not None:
+            shapes = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+            if weights is not None:
+                wanted = {k: tuple(v.shape) for k, v in weights.items()}
+                if shapes != wanted:
+                    detail = _shape_difference(shapes, wanted)
+                    raise SharpscopeError(f"{source}: weights do not fit the model ({detail})")
+            size = sum(t.numel() * t.element_size() for t in skeleton.state_dict().values())
+            if max_bytes is not None and size > max_bytes:
+                raise SharpscopeError(
+                    f"model {name!r} would take {size / 2**30:.3g} GiB, more than the "
+                    f"{max_bytes / 2**30:.3g} GiB available"
+                )
+    factory = _resolve(name)
+    try:
+        model = factory(**kwargs)
+    except SharpscopeError:
+        raise
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise SharpscopeError(f"cannot build model {name!r}: {_first(exc)}") from None
     if not isinstance(model, nn.Module):
-        raise SharpscopeError(f"model factory {spec['name']!r} did not return a torch.nn.Module")
+        raise SharpscopeError(f"model factory {name!r} did not return a torch.nn.Module")
     return model
+
+
+def _shape_difference(have: dict[str, tuple], want: dict[str, tuple]) -> str:
+    missing = sorted(set(want) - set(have))
+    unexpected = sorted(set(have) - set(want))
+    if missing or unexpected:
+        what = []
+        if unexpected:
+            what.append(f"the model has {', '.join(unexpected[:3])}, the weights do not")
+        if missing:
+            what.append(f"the weights have {', '.join(missing[:3])}, the model does not")
+        return "; ".join(what)
+    key = next(k for k in want if have[k] != want[k])
+    return f"{key}: weights {list(want[key])}, model {list(have[key])}"
+
+
+def _first(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+_FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+def check_model_name(name: Any) -> str:
+    """``name`` if it is a registry model or has the form ``package.module:factory``."""
+    if isinstance(name, str) and (name in MODELS or _FACTORY.match(name)):
+        return name
+    raise SharpscopeError(
+        f"unknown model {name!r}: choose one of {', '.join(MODELS)}, or package.module:factory"
+    )
 
 
 def _resolve(name: str) -> Callable[..., nn.Module]:
     if name in MODELS:
         return MODELS[name]
-    if ":" not in name:
-        raise SharpscopeError(
-            f"unknown model {name!r}: choose one of {', '.join(MODELS)}, or package.module:factory"
-        )
-    module_name, _, attr = name.partition(":")
+    module_name, _, attr = check_model_name(name).partition(":")
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise SharpscopeError(f"cannot import {module_name!r} for --model {name}: {exc}") from None
+    except Exception as exc:  # the module's own code failed while importing
+        raise SharpscopeError(
+            f"importing {module_name!r} for --model {name} failed: {_first(exc)}"
+        ) from None
     factory = getattr(module, attr, None)
     if not callable(factory):
         raise SharpscopeError(f"{module_name!r} has no callable {attr!r} for --model {name}")

@@ -32,8 +32,8 @@ from matplotlib import cm, colors, ticker
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from .checkpoint import atomic_write
 from .errors import SharpscopeError
+from .files import atomic_write
 
 # Figures are made with matplotlib.figure.Figure directly, never through pyplot: no
 # GUI backend is needed, the output is the same on every machine, and importing

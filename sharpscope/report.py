@@ -17,21 +17,30 @@
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import math
 import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict
 from typing import Any
 
 import numpy as np
 import torch
 
-from .checkpoint import atomic_write, read_checkpoint
-from .commands.common import write_json
+from .checkpoint import check_trusted_model, read_checkpoint
 from .errors import SharpscopeError
+from .files import (
+    LOCK_NAME,
+    exclusive_lock,
+    json_safe,
+    remove_all_temporaries,
+    write_json,
+    write_text,
+)
 from .landscape import (
     DEFAULT_POINTS,
     DEFAULT_RANGE,
@@ -47,6 +56,7 @@ from .plots import plot_1d, plot_2d, shared_color_scale
 DEFAULT_SAMPLES = 1024  # issue 3's evaluation set: 1024 fixed examples (or all if fewer)
 DEFAULT_TRACE_SAMPLES = 100  # PyHessian's Hutchinson budget (maxIter=100)
 FIGURE_FORMATS = ("pdf", "png")  # vector for the paper, PNG for report.md
+FIGURES = ("interpolation", "1d", "2d_contour", "2d_surface3d")
 # --quick: a smoke run (CI, a first look) in seconds: coarse grids, few examples.
 QUICK = {"points": 21, "points_2d": 21, "samples": 256, "trace_samples": 20}
 
@@ -73,6 +83,12 @@ def compare_checkpoints(
     log: Callable[[str], None] | None = None,
     training: dict[str, Any] | None = None,
     overwrite: bool = False,
+    model: str | None = None,
+    model_options: dict[str, Any] | None = None,
+    data: str | None = None,
+    data_dir: str | None = None,
+    download: bool = False,
+    trust_code: bool = False,
 ) -> dict[str, Any]:
     """Measure and picture checkpoints ``path_a`` and ``path_b``; write it all to ``out``.
 
@@ -87,7 +103,10 @@ def compare_checkpoints(
     Everything is checked before any work (settings, both checkpoints, same
     architecture, ``out`` empty or ``overwrite``), and the files are written to a
     staging folder inside ``out`` and moved into place only when all are done: a
-    failed or interrupted compare leaves ``out`` as it was.
+    failed or interrupted compare leaves ``out`` as it was; no file written can be one
+    of the two checkpoints, and one process at a time writes ``out`` (a lock). ``model``,
+    ``model_options``, ``data``, ``data_dir``, ``download`` and ``trust_code`` rebuild
+    the checkpoints (:func:`~sharpscope.checkpoint.load_model_and_data`).
     """
     _check_settings(
         points=points,
@@ -98,13 +117,16 @@ def compare_checkpoints(
         range=range,
         interpolation_range=interpolation_range,
     )
-    _check_inputs(path_a, path_b, out)
-    if os.path.isdir(out) and os.listdir(out) and not overwrite:
-        raise SharpscopeError(f"{out} exists and is not empty: pass --overwrite or a new --out")
-    existed = os.path.isdir(out)
-    _make_folder(out)
-    stage = tempfile.mkdtemp(prefix=".compare-", dir=out)
-    try:
+    loading = {
+        "model": model,
+        "model_options": model_options,
+        "data": data,
+        "data_dir": data_dir,
+        "download": download,
+        "trust_code": trust_code,
+    }
+    _check_inputs(path_a, path_b, out, model, trust_code)
+    with _staging_folder(out, overwrite) as stage:
         say = log or (lambda message: None)
         evaluation = {
             "split": split,
@@ -143,6 +165,7 @@ def compare_checkpoints(
             seed=seed,
             labels=labels,
             progress=progress,
+            **loading,
         )
         seconds["interpolation"] = time.perf_counter() - start
         labels = tuple(interp.settings["labels"])  # type: ignore[assignment]
@@ -167,6 +190,7 @@ def compare_checkpoints(
                         trace_samples=trace_samples,
                         seed=seed,
                         progress=progress,
+                        **loading,
                     )
                 )
             seconds["measure"] = time.perf_counter() - start
@@ -191,6 +215,7 @@ def compare_checkpoints(
                     device=device,
                     label=label,
                     progress=progress,
+                    **loading,
                 )
                 surface.save(os.path.join(stage, f"{dim}d_{key}.npz"))
                 store.append(surface)
@@ -226,13 +251,8 @@ def compare_checkpoints(
         if training is not None:
             document["training"] = training
         _write_report(stage, document, measured, labels)
-        write_json(os.path.join(stage, "results.json"), _finite(document))
-        for name in sorted(os.listdir(stage)):
-            os.replace(os.path.join(stage, name), os.path.join(out, name))
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
-        if not existed and os.path.isdir(out) and not os.listdir(out):
-            os.rmdir(out)
+        write_json(os.path.join(stage, "results.json"), json_safe(document))
+        _move_into_place(stage, out, (path_a, path_b))
     return document
 
 
@@ -262,8 +282,10 @@ def _check_settings(
         raise SharpscopeError(f"--trace-samples must be at least 2, got {trace_samples}")
 
 
-def _check_inputs(path_a: str, path_b: str, out: str) -> None:
+def _check_inputs(path_a: str, path_b: str, out: str, model: str | None, trust_code: bool):
     """The refusals of the two checkpoints and the output folder, before any work."""
+    if not str(out).strip():
+        raise SharpscopeError("the output folder is empty: give one")
     if os.path.exists(out) and not os.path.isdir(out):
         raise SharpscopeError(f"{out} exists and is not a folder")
     specs = []
@@ -273,11 +295,80 @@ def _check_inputs(path_a: str, path_b: str, out: str) -> None:
             raise SharpscopeError(
                 f"{path}: a plain state_dict; compare needs sharpscope checkpoints"
             )
+        check_trusted_model(meta["model"]["name"], path, named=model, trust_code=trust_code)
         specs.append(meta["model"])
+        for name in OUTPUTS:
+            if _same_file(path, os.path.join(out, name)):
+                raise SharpscopeError(
+                    f"{path} is where compare writes {name}: move it, or choose another --out"
+                )
     if specs[0] != specs[1]:
         raise SharpscopeError(
             f"{path_a} and {path_b} have different architectures: nothing to compare"
         )
+
+
+# Every file compare writes into its folder.
+OUTPUTS = (
+    "interpolation.npz",
+    "1d_a.npz",
+    "1d_b.npz",
+    "2d_a.npz",
+    "2d_b.npz",
+    "results.json",
+    "report.md",
+    *(f"{name}.{fmt}" for name in FIGURES for fmt in FIGURE_FORMATS),
+)
+
+
+def _same_file(a: str, b: str) -> bool:
+    """Whether paths ``a`` and ``b`` name one file (through links and ``..`` too)."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _staging_folder(out: str, overwrite: bool) -> Iterator[str]:
+    """A staging folder inside ``out``, with ``out`` created and locked meanwhile.
+
+    A staging folder left by a killed compare is removed; ``out`` must be empty unless
+    ``overwrite``. On the way out the staging folder goes, and ``out`` too if this call
+    made it and nothing was moved in.
+    """
+    existed = os.path.isdir(out)
+    _make_folder(out)
+    try:
+        with exclusive_lock(os.path.join(out, LOCK_NAME), out):
+            for stale in glob.glob(os.path.join(glob.escape(out), ".compare-*")):
+                shutil.rmtree(stale, ignore_errors=True)
+            remove_all_temporaries(out)
+            if [n for n in os.listdir(out) if n != LOCK_NAME] and not overwrite:
+                raise SharpscopeError(
+                    f"{out} exists and is not empty: pass --overwrite or a new --out"
+                )
+            stage = tempfile.mkdtemp(prefix=".compare-", dir=out)
+            try:
+                yield stage
+            finally:
+                shutil.rmtree(stage, ignore_errors=True)
+    finally:
+        if not existed and os.path.isdir(out) and not os.listdir(out):
+            os.rmdir(out)
+
+
+def _move_into_place(stage: str, out: str, inputs: Sequence[str]) -> None:
+    """Move every staged file into ``out``, after checking that none replaces an input."""
+    names = sorted(os.listdir(stage))
+    for name in names:
+        for path in inputs:
+            if _same_file(path, os.path.join(out, name)):
+                raise SharpscopeError(f"{path} is where compare writes {name}: nothing written")
+    for name in names:
+        os.replace(os.path.join(stage, name), os.path.join(out, name))
 
 
 def interpolation_barrier(surface: Surface) -> dict[str, float]:
@@ -333,12 +424,13 @@ def _draw_figures(
     log_1d = shared_color_scale([c.loss for c in curves]).log
     log_interp = shared_color_scale([interp.loss]).log
     figures: dict[str, list[str]] = {}
-    for name, draw in (
-        ("interpolation", lambda f: plot_1d([interp], f, log=log_interp, endpoints=labels)),
-        ("1d", lambda f: plot_1d(curves, f, labels=list(labels), log=log_1d)),
-        ("2d_contour", lambda f: plot_2d(planes, f, style="contour", labels=list(labels))),
-        ("2d_surface3d", lambda f: plot_2d(planes, f, style="surface3d", labels=list(labels))),
-    ):
+    draws = (
+        lambda f: plot_1d([interp], f, log=log_interp, endpoints=labels),
+        lambda f: plot_1d(curves, f, labels=list(labels), log=log_1d),
+        lambda f: plot_2d(planes, f, style="contour", labels=list(labels)),
+        lambda f: plot_2d(planes, f, style="surface3d", labels=list(labels)),
+    )
+    for name, draw in zip(FIGURES, draws, strict=True):
         figures[name] = []
         for fmt in FIGURE_FORMATS:
             draw(os.path.join(out, f"{name}.{fmt}"))
@@ -441,13 +533,7 @@ def _write_report(
         f"Time: {times}.",
         "",
     ]
-    text = "\n".join(lines)
-
-    def write(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            f.write(text)
-
-    atomic_write(os.path.join(out, "report.md"), write)
+    write_text(os.path.join(out, "report.md"), "\n".join(lines))
 
 
 def _plot_commands(doc: dict[str, Any]) -> list[str]:
@@ -483,17 +569,6 @@ def _plane_dict(surface: Surface) -> dict[str, Any]:
         "accuracy": np.asarray(surface.accuracy).tolist(),
         "summary": landscape_summary(surface),
     }
-
-
-def _finite(value: Any) -> Any:
-    """``value`` with NaN / inf floats as None, so the JSON is standard (RFC 8259)."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
 
 
 def _make_folder(out: str) -> None:

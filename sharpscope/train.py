@@ -51,14 +51,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import os
-import shutil
 import signal
 import sys
-import threading
 import time
+import typing
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -68,12 +66,14 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from . import distributed
-from .checkpoint import atomic_write, read_checkpoint, save_checkpoint
-from .commands.common import resolve_device, write_json
-from .data import DATASETS, Dataset, augment_batch, data_spec, load_dataset
-from .errors import SharpscopeError
+from .checkpoint import check_trusted_model, read_checkpoint, save_checkpoint
+from .data import DATASETS, LOCATION_KEYS, Dataset, augment_batch, data_spec, load_dataset
+from .devices import memory_bytes, resolve_device
+from .errors import SharpscopeError, first_line
+from .files import write_json, write_jsonl
 from .losses import LOSSES, correct_count, get_loss
-from .models import DEFAULT_MODEL, build_model, model_spec
+from .models import DEFAULT_MODEL, build_model, check_model_name, model_spec
+from .runfolder import TRAJECTORY, RunFolder, StopRequest, stop_on_signals
 from .sam import GSAM, SAM, bn_running_stats_frozen, parse_p, rho_from_lr
 
 OPTIMIZERS = ("sgd", "sam", "gsam")
@@ -158,21 +158,72 @@ class TrainConfig:
 DEFAULT_EPOCHS = 20
 
 
-def config_from_dict(values: dict[str, Any]) -> TrainConfig:
-    """A :class:`TrainConfig` from a dict (e.g. config.json); unknown keys are refused."""
+# Options that say where the run happens, not what it is: a resumed run may change them,
+# and a file's values are never used for them (the data folder and the download flag
+# come from the user's own options).
+LOCATION_FIELDS = ("device", *LOCATION_KEYS)
+
+
+def config_from_dict(values: Any, source: str = "training options") -> TrainConfig:
+    """A :class:`TrainConfig` from a dict (e.g. read from a resume point): unknown keys
+    and values of the wrong type are refused in one line."""
+    if not isinstance(values, dict):
+        raise SharpscopeError(f"{source}: the training configuration is not a dict")
     known = {f.name for f in fields(TrainConfig)}
-    unknown = sorted(set(values) - known)
+    unknown = sorted(str(k) for k in set(values) - known)
     if unknown:
-        raise SharpscopeError(f"unknown training options: {', '.join(unknown)}")
+        raise SharpscopeError(f"{source}: unknown training options: {', '.join(unknown)}")
+    hints = typing.get_type_hints(TrainConfig)
+    for name, value in values.items():
+        if not _has_type(value, hints[name]):
+            raise SharpscopeError(
+                f"{source}: training option {name} = {value!r} is of a wrong type"
+            )
     return TrainConfig(**values)
 
 
-def load_run_config(out: str) -> TrainConfig:
-    """The configuration of the run in folder ``out`` (from its resume checkpoint)."""
-    path = os.path.join(out, "resume.pt")
-    if not os.path.isfile(path):
-        raise SharpscopeError(f"{out}: no resume checkpoint (resume.pt) to continue from")
-    return config_from_dict(read_checkpoint(path)["config"])
+def _has_type(value: Any, hint: Any) -> bool:
+    """Whether ``value`` fits the annotation ``hint`` (bool is not an int, an int is a
+    float)."""
+    kinds = typing.get_args(hint) or (hint,)
+    for kind in kinds:
+        if kind is type(None) and value is None:
+            return True
+        if kind is bool and isinstance(value, bool):
+            return True
+        if kind is int and isinstance(value, int) and not isinstance(value, bool):
+            return True
+        if kind is float and isinstance(value, int | float) and not isinstance(value, bool):
+            return True
+        if kind is str and isinstance(value, str):
+            return True
+    return False
+
+
+class NoResumePoint(SharpscopeError):
+    """The run folder holds no resume point (resume.pt) to continue from."""
+
+
+def load_run_config(out: str, *, model: str | None = None, trust_code: bool = False) -> TrainConfig:
+    """The configuration of the run in folder ``out``, from its resume point.
+
+    First finishes what a killed process left half done in the folder (under its
+    lock; see :mod:`sharpscope.runfolder`). The data folder and download flag the
+    resume point records are dropped (give your own); a model factory it names is
+    refused unless ``model`` names the same one or ``trust_code``. Raises
+    :class:`NoResumePoint` if there is none.
+    """
+    if not os.path.isdir(out):
+        raise NoResumePoint(f"{out}: no resume checkpoint (resume.pt) to continue from")
+    with RunFolder(out).locked() as folder:
+        if not folder.has_resume_point():
+            raise NoResumePoint(f"{out}: no resume checkpoint (resume.pt) to continue from")
+        path = os.path.join(out, "resume.pt")
+        saved = read_checkpoint(path)
+    config = config_from_dict(saved.get("config"), path)
+    if config.model is not None:
+        check_trusted_model(config.model, path, named=model, trust_code=trust_code)
+    return dataclasses.replace(config, data_dir=None, download=False)
 
 
 # -- configuration checks ---------------------------------------------------------------
@@ -239,8 +290,8 @@ def resolve_config(config: TrainConfig, dataset: Dataset | None = None) -> Train
         raise SharpscopeError(f"--label-smoothing must be in [0, 1), got {c.label_smoothing}")
     if c.grad_clip is not None and not c.grad_clip > 0:
         raise SharpscopeError(f"--grad-clip must be positive, got {c.grad_clip}")
-    if c.seed < 0:
-        raise SharpscopeError(f"--seed must be >= 0, got {c.seed}")
+    if not 0 <= c.seed < 2**63:
+        raise SharpscopeError(f"--seed must be in 0 .. 2^63 - 1, got {c.seed}")
     if isinstance(c.batch_size, str):
         if c.batch_size != "full":
             try:
@@ -257,6 +308,7 @@ def resolve_config(config: TrainConfig, dataset: Dataset | None = None) -> Train
         c.epochs = DEFAULT_EPOCHS
     if c.model is None:
         c.model = DEFAULT_MODEL[c.data]
+    check_model_name(c.model)
     get_loss(c.loss, c.label_smoothing)  # refuses label smoothing with mse
     if dataset is not None:
         _plan(c, dataset, distributed.world_size())  # size checks that need the data
@@ -344,164 +396,8 @@ def derive_seed(seed: int, *keys: int) -> int:
     return (int(words[0]) << 31) ^ int(words[1])
 
 
-# -- the run folder -------------------------------------------------------------------------
-RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint.pt", "resume.pt")
-TRAJECTORY = "trajectory"
-
-
-def _is_run_folder(out: str) -> bool:
-    return any(os.path.exists(os.path.join(out, f)) for f in RUN_FILES)
-
-
-def _check_out(out: str, resume: bool, overwrite: bool) -> None:
-    """Refuse, before anything is written, an output folder we must not touch."""
-    if resume and overwrite:
-        raise SharpscopeError("--resume and --overwrite exclude each other")
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise SharpscopeError(f"{out} exists and is not a folder")
-    if resume:
-        if not os.path.isfile(os.path.join(out, "resume.pt")):
-            raise SharpscopeError(f"{out}: no resume checkpoint (resume.pt) to continue from")
-        return
-    if os.path.isdir(out) and os.listdir(out):
-        if not _is_run_folder(out):
-            raise SharpscopeError(
-                f"{out} exists, is not empty and is not a sharpscope run folder; "
-                "choose another --out"
-            )
-        if not overwrite:
-            raise SharpscopeError(
-                f"{out} holds a run already: pass --resume to continue it "
-                "or --overwrite to replace it"
-            )
-
-
-def _run_file_names(out: str) -> list[str]:
-    """A run's files in ``out``, relative to it: RUN_FILES (present or not) and the
-    trajectory's step checkpoints; never anything else the folder holds."""
-    names = list(RUN_FILES)
-    traj = os.path.join(out, TRAJECTORY)
-    if os.path.isdir(traj):
-        names += [
-            os.path.join(TRAJECTORY, n)
-            for n in os.listdir(traj)
-            if n.startswith("step_") and n.endswith(".pt")
-        ]
-    return names
-
-
-def _remove_empty_trajectory(out: str) -> None:
-    traj = os.path.join(out, TRAJECTORY)
-    if os.path.isdir(traj) and not os.listdir(traj):
-        os.rmdir(traj)
-
-
-def _clear_run_files(out: str) -> None:
-    """Delete an old run's files (and only those) from ``out``."""
-    for name in _run_file_names(out):
-        path = os.path.join(out, name)
-        if os.path.isfile(path):
-            os.remove(path)
-    _remove_empty_trajectory(out)
-
-
-REPLACED = ".replaced-run"  # an old run's files while --overwrite's new run is under way
-
-
 class Diverged(SharpscopeError):
     """The training loss became NaN or infinite: the run is worth nothing."""
-
-
-def _set_aside_run_files(out: str) -> None:
-    """Move an old run's files into ``out/.replaced-run`` (restored if the new run fails)."""
-    # An earlier set-aside or restore cut short (SIGKILL) leaves the old run split
-    # between ``out`` and the folder: a file only in ``out`` joins the folder, one in
-    # both is a newer run's copy and goes. So the folder always ends up whole.
-    aside = os.path.join(out, REPLACED)
-    os.makedirs(os.path.join(aside, TRAJECTORY), exist_ok=True)
-    for name in _run_file_names(out):
-        source, target = os.path.join(out, name), os.path.join(aside, name)
-        if os.path.isfile(source):
-            if os.path.exists(target):
-                os.remove(source)
-            else:
-                os.replace(source, target)
-    _remove_empty_trajectory(out)
-
-
-def _undo_new_run(out: str, existed: bool) -> None:
-    """After a failed fresh run: delete its files, put back the run it was to replace,
-    and remove ``out`` if this run created it and nothing else is there."""
-    _clear_run_files(out)
-    aside = os.path.join(out, REPLACED)
-    if os.path.isdir(aside):
-        for root, _, files in os.walk(aside):
-            target = os.path.join(out, os.path.relpath(root, aside))
-            os.makedirs(target, exist_ok=True)
-            for name in files:
-                os.replace(os.path.join(root, name), os.path.join(target, name))
-        shutil.rmtree(aside)
-    if not existed and os.path.isdir(out) and not os.listdir(out):
-        os.rmdir(out)
-
-
-class _StopRequest:
-    """Set by the first SIGINT or SIGTERM during training: the loop saves a resume point
-    at the end of the current step and stops (a second signal stops at once)."""
-
-    def __init__(self) -> None:
-        self.signal: int | None = None
-
-
-@contextlib.contextmanager
-def _stop_on_signals(enabled: bool):
-    stop = _StopRequest()
-    if not enabled or threading.current_thread() is not threading.main_thread():
-        yield stop
-        return
-
-    def handler(signum: int, frame: Any) -> None:
-        if stop.signal is not None:
-            raise KeyboardInterrupt
-        stop.signal = signum
-
-    previous = {}
-    for s in (signal.SIGINT, signal.SIGTERM):
-        current = signal.getsignal(s)
-        if current in (signal.SIG_IGN, None):  # ignored by the parent, or not Python's
-            continue
-        previous[s] = signal.signal(s, handler)
-    try:
-        yield stop
-    finally:
-        for s, h in previous.items():
-            if h is not None:
-                signal.signal(s, h)
-
-
-@contextlib.contextmanager
-def _signals_held():
-    """SIGINT and SIGTERM ignored meanwhile (in the main thread): for file moves that a
-    second Ctrl-C must not cut in half."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for s, h in previous.items():
-            if h is not None:
-                signal.signal(s, h)
-
-
-def _write_jsonl(path: str, records: list[dict[str, Any]]) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            for r in records:
-                f.write(json.dumps(r, allow_nan=True) + "\n")
-
-    atomic_write(path, write)
 
 
 def _cpu_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -563,7 +459,10 @@ class _Trainer:
             activation=c.activation,
         )
         torch.manual_seed(derive_seed(c.seed, _INIT))  # inside train()'s fork_rng
-        self.model = build_model(self.spec)
+        # Training holds about four copies of the weights (w, its gradient, momentum,
+        # SAM's saved w): refused before allocating if they would not fit the device.
+        memory = memory_bytes(device)
+        self.model = build_model(self.spec, max_bytes=memory // 4 if memory else None)
         if dtype is not None:
             self.model.to(dtype)
         self.model.to(device)
@@ -874,14 +773,15 @@ def train(
 ) -> dict[str, Any]:
     """Train as ``config`` says and write the run folder ``out``; return final metrics.
 
-    ``resume=True`` continues the run in ``out`` from its resume checkpoint (its saved
-    configuration must equal ``config`` up to ``device``); ``overwrite=True`` replaces
-    an old run there (only its run files; they are set aside when the new run starts,
-    deleted when it completes and put back if it fails or is interrupted).
+    ``resume=True`` continues the run in ``out`` from its resume point (its saved
+    configuration must equal ``config`` but for :data:`LOCATION_FIELDS`); a folder
+    with no resume point yet starts the run from the beginning. ``overwrite=True``
+    replaces an old run there (only its run files; they are set aside when the new run
+    starts, deleted when it completes, and put back if it diverges; see
+    :mod:`sharpscope.runfolder`). One process at a time works in ``out`` (a lock).
     Bad input raises :class:`SharpscopeError` before anything is written; a fresh run
     that diverges (:class:`Diverged`) leaves no files behind and puts a replaced run
-    back; any other failure keeps the run, to be resumed (a replaced run stays in
-    ``out/.replaced-run`` until the new one completes).
+    back; any other failure keeps the run, to be resumed.
 
     In one process, the first SIGINT (Ctrl-C) or SIGTERM (a cluster's preemption) stops
     the run at the end of the current step with a resume point saved, then raises
@@ -899,96 +799,111 @@ def train(
     device = distributed.init_from_environment(resolve_device(c.device))
     c.device = str(device)
     c.amp = resolve_amp(c.amp, device)
-    # Rank 0 looks at the folder and reads the resume checkpoint, and hands it out:
-    # the other processes must not race it (it writes there next). (The command line
-    # reads the saved configuration on every process first: with --resume, OUT must be
-    # on a file system that every node sees.)
-    saved = distributed.on_main(lambda: _open_run(out, c, resume, overwrite))
-    spec = data_spec(c.data, train_subset=c.train_subset, data_dir=c.data_dir, download=c.download)
-    # A download happens once, on rank 0; the others then read what it fetched.
-    load = distributed.main_first if c.download else (lambda fn: fn())
-    dataset = load(lambda: load_dataset(spec))
-    resolve_config(c, dataset)
-    if c.track_every is not None:
-        _check_trackers(c)
-    devices = [device.index or 0] if device.type == "cuda" else []
-    existed = os.path.isdir(out)
-    with (
-        torch.random.fork_rng(devices=devices),  # the caller's global RNG is restored
-        _stop_on_signals(distributed.world_size() == 1) as stop,
-    ):
-        trainer = _Trainer(c, dataset, device)
-        try:
-            metrics = _run(trainer, out, saved, overwrite, progress, quiet, stop)
-        except Diverged:
-            # Worth nothing: a fresh run's files go, and a replaced run comes back.
-            if saved is None and distributed.is_main_process():
-                with _signals_held():
-                    _undo_new_run(out, existed)
-                if overwrite:
+    main = distributed.is_main_process()
+    folder = RunFolder(out)
+    with contextlib.ExitStack() as held:
+        # Rank 0 locks the folder, reads the resume point and hands it out: the other
+        # processes must not race it. (With --resume, OUT must be on a file system that
+        # every node sees.)
+        def open_folder() -> dict[str, Any] | None:
+            held.enter_context(folder.locked())
+            mode = folder.start_mode(resume, overwrite, say=(lambda m: None) if quiet else _print)
+            return _read_resume_point(out, c) if mode == "resume" else None
+
+        saved = distributed.on_main(open_folder)
+        spec = data_spec(
+            c.data, train_subset=c.train_subset, data_dir=c.data_dir, download=c.download
+        )
+        # A download happens once, on rank 0; the others then read what it fetched.
+        load = distributed.main_first if c.download else (lambda fn: fn())
+        dataset = load(lambda: load_dataset(spec))
+        resolve_config(c, dataset)
+        devices = [device.index or 0] if device.type == "cuda" else []
+        with (
+            torch.random.fork_rng(devices=devices),  # the caller's global RNG is restored
+            stop_on_signals(distributed.world_size() == 1) as stop,
+        ):
+            trainer = _Trainer(c, dataset, device)
+            try:
+                metrics = _run(trainer, folder, saved, overwrite, progress, quiet, stop)
+            except Diverged:
+                # Worth nothing: a fresh run's files go, and a replaced run comes back.
+                if saved is None and main and folder.put_back() and overwrite:
                     print(f"sharpscope train: {out} holds its previous run again", file=sys.stderr)
-            raise
-        except BaseException:
-            # Interrupted, out of memory, disk full...: the run stays, to be resumed;
-            # a run it replaces stays set aside until it completes.
-            aside = os.path.join(out, REPLACED)
-            if distributed.is_main_process() and os.path.isdir(aside):
-                print(
-                    f"sharpscope train: the run this one replaces is kept in {aside} "
-                    "until this one completes",
-                    file=sys.stderr,
-                )
-            raise
-    if distributed.is_main_process() and os.path.isdir(os.path.join(out, REPLACED)):
-        shutil.rmtree(os.path.join(out, REPLACED))
+                raise
+            except BaseException:
+                # Interrupted, out of memory, disk full...: the run stays, to be resumed;
+                # a run it replaces stays set aside until it completes.
+                aside = folder.set_aside_path() if main else None
+                if aside is not None:
+                    print(
+                        f"sharpscope train: the run this one replaces is kept in {aside} "
+                        "until this one completes",
+                        file=sys.stderr,
+                    )
+                raise
+        if main:
+            folder.finish()
     # Rank 0's numbers everywhere; and no process returns before the folder is written.
     return distributed.broadcast_object(metrics)
 
 
-def _open_run(out: str, c: TrainConfig, resume: bool, overwrite: bool) -> dict[str, Any] | None:
-    """Check the output folder; with ``resume``, read its resume checkpoint and check
-    that ``c`` (resolved, on its device) is the saved configuration."""
-    _check_out(out, resume, overwrite)
-    if not resume:
-        return None
-    saved = read_checkpoint(os.path.join(out, "resume.pt"))
-    if "resume" not in saved or "config" not in saved:
-        raise SharpscopeError(f"{out}/resume.pt is not a sharpscope resume checkpoint")
-    saved_config = resolve_config(config_from_dict(saved["config"]))
+def _read_resume_point(out: str, c: TrainConfig) -> dict[str, Any]:
+    """The resume point of the run in ``out``, checked field by field, after checking
+    that ``c`` (resolved, on its device) is its configuration but for LOCATION_FIELDS."""
+    path = os.path.join(out, "resume.pt")
+    saved = read_checkpoint(path)
+    if not isinstance(saved.get("resume"), dict) or "config" not in saved:
+        raise SharpscopeError(f"{path} is not a sharpscope resume checkpoint")
+    _check_resume_state(path, saved["resume"])
+    saved_config = resolve_config(config_from_dict(saved["config"], path))
     saved_config.amp = resolve_amp(saved_config.amp, torch.device(c.device))
     differ = [
-        f.name
+        f"--{f.name.replace('_', '-')} ({getattr(saved_config, f.name)!r} saved, "
+        f"{getattr(c, f.name)!r} now)"
         for f in fields(TrainConfig)
-        if f.name != "device" and getattr(c, f.name) != getattr(saved_config, f.name)
+        if f.name not in LOCATION_FIELDS and getattr(c, f.name) != getattr(saved_config, f.name)
     ]
     if differ:
         raise SharpscopeError(
-            f"--resume continues the saved configuration; it differs in: {', '.join(differ)}"
+            f"--resume continues the saved run; these options differ from it: {', '.join(differ)}"
         )
     return saved
 
 
-def _check_trackers(c: TrainConfig) -> None:
-    """Fail before anything is written if the tracking modules are missing."""
-    import importlib
+# The entries of a resume point's "resume" dict and what each must be.
+_RESUME_STATE = {
+    "optimizer": lambda v: isinstance(v, dict) and "state" in v and "param_groups" in v,
+    "scaler": lambda v: v is None or isinstance(v, dict),
+    "step": lambda v: _has_type(v, int) and v >= 0,
+    "epoch": lambda v: _has_type(v, int) and v >= 0,
+    "index": lambda v: _has_type(v, int) and v >= 0,
+    "elapsed": lambda v: _has_type(v, float) and math.isfinite(v),
+    "accumulators": lambda v: (
+        isinstance(v, dict)
+        and all(_has_type(v.get(k), float) for k in ("loss", "correct", "seen", "skipped"))
+    ),
+    "records": lambda v: isinstance(v, list) and all(isinstance(r, dict) for r in v),
+    "complete": lambda v: isinstance(v, bool),
+}
 
-    for module in ("hessian", "sharpness") if c.track_sharpness else ("hessian",):
-        try:
-            importlib.import_module(f"{__package__}.{module}")
-        except ModuleNotFoundError as exc:
-            raise SharpscopeError(f"--track-every needs sharpscope.{module}: {exc}") from None
+
+def _check_resume_state(path: str, state: dict[str, Any]) -> None:
+    for key, ok in _RESUME_STATE.items():
+        if key not in state or not ok(state[key]):
+            raise SharpscopeError(f"{path}: a damaged resume point (its {key} is missing or wrong)")
 
 
 def _run(
     t: _Trainer,
-    out: str,
+    folder: RunFolder,
     saved: dict[str, Any] | None,
     overwrite: bool,
     progress: bool,
     quiet: bool,
-    stop: _StopRequest | None = None,
+    stop: StopRequest | None = None,
 ) -> dict[str, Any]:
-    c, plan = t.c, t.plan
+    c, plan, out = t.c, t.plan, folder.path
     # Under DDP every process runs this loop in step (the collectives: gradients,
     # evaluation, tracking); only rank 0 prints and writes.
     main = distributed.is_main_process()
@@ -1003,10 +918,15 @@ def _run(
         if state.get("complete"):
             say(f"{out}: the run is complete (step {state['step']}); nothing to do")
             return dict(saved.get("metrics", {}))
-        t.model.load_state_dict(saved["state_dict"])
-        t.optimizer.load_state_dict(state["optimizer"])
-        if t.scaler is not None and state.get("scaler"):
-            t.scaler.load_state_dict(state["scaler"])
+        try:
+            t.model.load_state_dict(saved["state_dict"])
+            t.optimizer.load_state_dict(state["optimizer"])
+            if t.scaler is not None and state.get("scaler"):
+                t.scaler.load_state_dict(state["scaler"])
+        except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as exc:
+            raise SharpscopeError(
+                f"{out}/resume.pt: a damaged resume point ({first_line(exc)})"
+            ) from None
         step, epoch, index = state["step"], state["epoch"], state["index"]
         elapsed = float(state["elapsed"])
         acc = _EpochTotals(t.device, state["accumulators"])
@@ -1027,9 +947,9 @@ def _run(
                 "statistics and dropout masks differ)"
             )
     elif main:
-        os.makedirs(out, exist_ok=True)
-        if overwrite:  # only now: the new run is set up and about to write its own files
-            _set_aside_run_files(out)
+        # Only now, with the new run set up and about to write its own files: an old
+        # run is set aside (--overwrite), a killed start's leftovers go.
+        folder.begin_fresh(overwrite)
         write_json(os.path.join(out, "config.json"), asdict(c))
 
     tracked = None
@@ -1042,7 +962,7 @@ def _run(
         nonlocal last_metrics
         if not main:
             return
-        _write_jsonl(os.path.join(out, "metrics.jsonl"), records)
+        write_jsonl(os.path.join(out, "metrics.jsonl"), records)
         last_metrics = time.monotonic()
 
     def write_resume(metrics: dict[str, Any] | None = None) -> None:
@@ -1072,10 +992,9 @@ def _run(
     def save_trajectory() -> None:
         if not main:
             return
-        folder = os.path.join(out, TRAJECTORY)
-        os.makedirs(folder, exist_ok=True)
+        os.makedirs(os.path.join(out, TRAJECTORY), exist_ok=True)
         payload = {**header, "metrics": {"step": step, "epoch": epoch}}
-        path = os.path.join(folder, f"step_{step:07d}.pt")
+        path = os.path.join(out, TRAJECTORY, f"step_{step:07d}.pt")
         save_checkpoint(path, {**payload, "state_dict": _cpu_state_dict(t.model)})
 
     def track() -> None:
@@ -1270,6 +1189,7 @@ __all__ = [
     "derive_seed",
     "learning_rate",
     "load_run_config",
+    "NoResumePoint",
     "resolve_config",
     "train",
 ]

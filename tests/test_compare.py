@@ -128,7 +128,9 @@ def test_landscape_summary_of_a_known_surface():
 
 
 def test_results_json_is_standard_json():
-    cleaned = report._finite({"a": [1.0, math.nan], "b": {"c": math.inf}, "d": "x"})
+    from sharpscope.files import json_safe
+
+    cleaned = json_safe({"a": [1.0, math.nan], "b": {"c": math.inf}, "d": "x"})
     assert cleaned == {"a": [1.0, None], "b": {"c": None}, "d": "x"}
 
 

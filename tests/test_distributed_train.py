@@ -24,6 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from sharpscope.checkpoint import read_checkpoint
 from sharpscope.data import data_spec, load_dataset
 from sharpscope.errors import SharpscopeError
+from sharpscope.runfolder import RunFolder
 from sharpscope.train import TrainConfig, _Trainer, resolve_config, train
 from tests.distributed_utils import run_distributed, torchrun_sharpscope
 from tests.test_train import TINY, _grad, _norm, _params
@@ -334,7 +335,8 @@ RUNS = {
     "sam-local": {"optimizer": "sam", "m": 8},
 }
 RUN = {**TINY, "batch_size": 16, "epochs": 3, "checkpoint_every": 3, "save_every": 5}
-WRITERS = ("save_checkpoint", "write_json", "atomic_write", "_clear_run_files")
+WRITERS = ("save_checkpoint", "write_json", "write_jsonl")  # the trainer's file writers
+FOLDER_WRITERS = ("locked", "begin_fresh", "finish", "put_back")  # RunFolder's
 
 
 def _recorded(name: str, write, writes: list[str]):
@@ -350,6 +352,8 @@ def runs_on_ranks(rank: int, world: int, out_dir: str) -> None:
     writes: list[str] = []
     for name in WRITERS:  # record every call of the trainer's writers, on every rank
         setattr(train_module, name, _recorded(name, getattr(train_module, name), writes))
+    for name in FOLDER_WRITERS:
+        setattr(RunFolder, name, _recorded(name, getattr(RunFolder, name), writes))
     metrics = {}
     for name, options in RUNS.items():
         config = TrainConfig(**{**RUN, **options})
@@ -415,7 +419,10 @@ def test_only_rank_0_writes_the_run_folder(runs):
     assert ranks[1]["writes"] == [] and set(ranks[0]["writes"]) == {
         "save_checkpoint",
         "write_json",
-        "atomic_write",
+        "write_jsonl",
+        "locked",
+        "begin_fresh",
+        "finish",
     }
     assert sorted(os.listdir(out / "sam")) == [
         "checkpoint.pt",

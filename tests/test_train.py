@@ -407,21 +407,6 @@ def test_an_interrupted_or_failed_overwrite_keeps_both_runs(tmp_path, monkeypatc
     _same_state(out / "checkpoint.pt", tmp_path / "whole" / "checkpoint.pt")
 
 
-def test_a_set_aside_cut_short_is_completed_by_the_next_overwrite(tmp_path):
-    from sharpscope.train import _set_aside_run_files
-
-    out = tmp_path / "run"
-    train(_config(epochs=1, save_every=8), out, quiet=True)
-    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    aside = out / ".replaced-run"
-    aside.mkdir()
-    os.replace(out / "checkpoint.pt", aside / "checkpoint.pt")  # as if killed after one move
-    _set_aside_run_files(str(out))
-    after = {p.relative_to(aside): p.read_bytes() for p in aside.rglob("*") if p.is_file()}
-    assert after == before  # the whole old run, nothing lost
-    assert not [p for p in out.rglob("*") if p.is_file() and aside not in p.parents]
-
-
 def test_a_diverged_fresh_run_leaves_no_files(tmp_path, capsys):
     out = tmp_path / "new"
     with pytest.raises(SharpscopeError, match="diverged"):
@@ -485,16 +470,14 @@ def test_existing_run_is_never_overwritten_without_a_flag(tmp_path, capsys):
     assert {p: (out / p).read_bytes() for p in before} == before
 
 
-def test_resume_without_a_resume_checkpoint_and_foreign_folders_are_refused(tmp_path, capsys):
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    assert "no resume checkpoint" in _exit2(["train", "--out", str(empty), "--resume"], capsys)
+def test_foreign_folders_are_refused_and_left_alone(tmp_path, capsys):
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "thesis.tex").write_text("precious")
-    err = _exit2(["train", "--out", str(foreign), "--overwrite"], capsys)
-    assert "not a sharpscope run folder" in err
-    assert os.listdir(foreign) == ["thesis.tex"]
+    for flags in ([], ["--overwrite"], ["--resume"]):
+        err = _exit2(["train", "--out", str(foreign), *flags], capsys)
+        assert "not a sharpscope run folder" in err
+        assert os.listdir(foreign) == ["thesis.tex"]
 
 
 def _cli(options: dict) -> list[str]:

@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 from collections.abc import Sequence
 from typing import Any
 
-import torch
-
-from ..checkpoint import atomic_write
-from ..data import DATASETS, data_spec
+from ..data import DATASETS
 from ..errors import SharpscopeError
 from ..models import ACTIVATIONS
 
@@ -47,6 +43,54 @@ def add_model_arguments(parser: argparse.ArgumentParser, default: str | None = N
     )
 
 
+def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
+    """How to rebuild a checkpoint: the user's own names for its code and its data.
+
+    A checkpoint is data: the model factory it names runs only if ``--model`` names the
+    same one, and CIFAR data is read from ``--data-dir`` (never from a folder the file
+    names) and fetched only with ``--download``.
+    """
+    group = parser.add_argument_group(
+        "rebuilding a checkpoint",
+        "A checkpoint names its architecture and data set. A registry model is built as "
+        "recorded; a model factory it names (package.module:factory) is code, imported "
+        "only if --model names the same factory. Data folders and downloads recorded in "
+        "a file are never used: CIFAR is read from --data-dir, fetched only with --download.",
+    )
+    group.add_argument(
+        "--model",
+        help="a plain state_dict's architecture (mlp, cnn, cnn1d, resnet18, wrn, or "
+        "package.module:factory), or the factory a checkpoint names, to allow running it",
+    )
+    group.add_argument("--width", type=int, help="plain state_dict: width of --model")
+    group.add_argument("--depth", type=int, help="plain state_dict: depth of --model")
+    group.add_argument(
+        "--activation", choices=tuple(ACTIVATIONS), help="plain state_dict: activation"
+    )
+    group.add_argument("--data", choices=DATASETS, help="plain state_dict: its data set")
+    group.add_argument("--data-dir", help="folder holding CIFAR data (cifar10 / cifar100)")
+    group.add_argument(
+        "--download", action="store_true", help="download CIFAR into --data-dir if missing"
+    )
+
+
+def loading_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The keywords of :func:`~sharpscope.checkpoint.load_model_and_data` the options of
+    :func:`add_checkpoint_arguments` give."""
+    options = {
+        k: v
+        for k, v in (("width", args.width), ("depth", args.depth), ("activation", args.activation))
+        if v is not None
+    }
+    return {
+        "model": args.model,
+        "model_options": options,
+        "data": args.data,
+        "data_dir": args.data_dir,
+        "download": args.download,
+    }
+
+
 def add_evaluation_arguments(parser: argparse.ArgumentParser, samples: int | None = 1024) -> None:
     """Which examples an analysis evaluates L(w) on."""
     group = parser.add_argument_group("evaluation data")
@@ -68,45 +112,10 @@ def add_evaluation_arguments(parser: argparse.ArgumentParser, samples: int | Non
     )
 
 
-def data_spec_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    return data_spec(
-        args.data, train_subset=args.train_subset, data_dir=args.data_dir, download=args.download
-    )
-
-
-def model_options_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    """The model options the user gave (None for those left to the architecture)."""
-    return {"width": args.width, "depth": args.depth, "activation": args.activation}
-
-
 def add_device_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N"
     )
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` → CUDA when available, else CPU; refuse CUDA where there is none."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise SharpscopeError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SharpscopeError("--device cuda asked for, but no CUDA device is available")
-    return device
-
-
-def write_json(path: str, document: dict[str, Any]) -> None:
-    """Atomically write ``document`` as indented JSON."""
-
-    def write(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            json.dump(document, f, indent=2, allow_nan=True)
-            f.write("\n")
-
-    atomic_write(path, write)
 
 
 def check_output_path(path: str, *, overwrite: bool = True, inputs: Sequence[str] = ()) -> None:
@@ -115,6 +124,8 @@ def check_output_path(path: str, *, overwrite: bool = True, inputs: Sequence[str
     Refused: a folder, a path in a missing or unwritable folder, one of the command's
     ``inputs`` (even with --overwrite), and, unless ``overwrite``, an existing file.
     """
+    if not path.strip():
+        raise SharpscopeError("an output path is empty: give a file name")
     target = os.path.abspath(path)
     folder = os.path.dirname(target)
     if os.path.isdir(target):
@@ -141,3 +152,28 @@ def add_overwrite_argument(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument(
         "--overwrite", action="store_true", help=f"replace {what} if it exists (default: refuse)"
     )
+
+
+def given_options(parser: argparse.ArgumentParser, argv: Sequence[str]) -> dict[str, Any]:
+    """The options of ``parser`` that ``argv`` writes out (whatever their values, a
+    default's included), parsed; the ones left to their defaults are absent."""
+    defaults = {action: action.default for action in parser._actions}
+    try:
+        for action in defaults:
+            action.default = argparse.SUPPRESS
+        given, _ = parser.parse_known_args(list(argv))
+    finally:
+        for action, default in defaults.items():
+            action.default = default
+    return vars(given)
+
+
+def seed_type(text: str) -> int:
+    """An argparse type: a seed in 0 .. 2^63 - 1 (what every generator here takes)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"must be in 0 .. 2^63 - 1, got {value}")
+    return value

@@ -6,9 +6,15 @@ import argparse
 import os
 import sys
 
+from ..devices import resolve_device
 from ..landscape import DEFAULT_POINTS, NORMALIZATIONS
 from ..report import DEFAULT_SAMPLES, DEFAULT_TRACE_SAMPLES, QUICK, compare_checkpoints
-from .common import add_device_argument, resolve_device
+from .common import (
+    add_checkpoint_arguments,
+    add_device_argument,
+    loading_from_args,
+    seed_type,
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -26,6 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("checkpoint_a", metavar="A.pt")
     p.add_argument("checkpoint_b", metavar="B.pt")
     add_compare_arguments(p)
+    add_checkpoint_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -88,7 +95,7 @@ def add_compare_arguments(
     )
     p.add_argument("--split", choices=("train", "test"), default="train", help="(default: train)")
     p.add_argument("--batch-size", type=int, default=512, help="(default: 512)")
-    p.add_argument("--seed", type=int, default=0, help="directions and examples (default: 0)")
+    p.add_argument("--seed", type=seed_type, default=0, help="directions and examples (default: 0)")
     p.add_argument(
         "--no-measure", action="store_true", help="skip the measure table (landscapes only)"
     )
@@ -130,6 +137,7 @@ def run(args: argparse.Namespace) -> int:
         labels=tuple(args.labels) if args.labels else None,
         overwrite=args.overwrite,
         **compare_options(args),
+        **loading_from_args(args),
     )
     print(f"wrote {os.path.join(args.out, 'report.md')}")
     return 0

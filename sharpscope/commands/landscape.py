@@ -12,7 +12,9 @@ from collections.abc import Iterator
 import numpy as np
 
 from .. import distributed
+from ..devices import resolve_device
 from ..errors import SharpscopeError
+from ..files import exclusive_lock, remove_stale_temporaries
 from ..landscape import (
     DEFAULT_POINTS,
     DIRECTIONS,
@@ -20,16 +22,19 @@ from ..landscape import (
     INTERPOLATION_POINTS,
     INTERPOLATION_RANGE,
     Surface,
+    check_grid_points,
     interpolation_for_checkpoints,
     landscape_for_checkpoint,
     save_partial,
 )
 from .common import (
+    add_checkpoint_arguments,
     add_device_argument,
     add_evaluation_arguments,
     add_overwrite_argument,
     check_output_path,
-    resolve_device,
+    loading_from_args,
+    seed_type,
 )
 
 
@@ -78,7 +83,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "`sharpscope train --save-every N` (default: the checkpoint's folder)",
     )
     p.add_argument(
-        "--seed", type=int, default=0, help="seed of the directions and examples (default: 0)"
+        "--seed", type=seed_type, default=0, help="seed of the directions and examples (default: 0)"
     )
     p.add_argument(
         "--orthogonalize",
@@ -118,6 +123,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "on every process (for evaluation sets too large for one device)",
     )
     p.add_argument("--label", help="legend label (default: the optimizer, from the checkpoint)")
+    add_checkpoint_arguments(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_overwrite_argument(p, "the .npz")
     add_evaluation_arguments(p)
@@ -151,16 +157,20 @@ def _check_arguments(args: argparse.Namespace) -> None:
     check_output_path(args.out, overwrite=args.overwrite, inputs=args.checkpoints)
     if not args.out.endswith(".npz"):
         raise SharpscopeError(f"--out must end in .npz, got {args.out}")
+    # The partial file is an output too: never one of the inputs.
+    check_output_path(partial_path(args.out), inputs=args.checkpoints)
     if len(args.checkpoints) > 2:
         raise SharpscopeError("give one checkpoint (surfaces) or two (interpolation)")
     for path in args.checkpoints:
         if not os.path.isfile(path):
             raise SharpscopeError(f"{path}: no such file")
     points = args.points or []
-    if len(points) > 2 or any(n < 1 for n in points):
+    if len(points) > 2:
         raise SharpscopeError(
             f"--points takes one or two positive numbers, got {' '.join(map(str, points))}"
         )
+    if points:
+        check_grid_points(*(points * args.dim if len(points) == 1 else points))
     if args.samples is not None and args.samples <= 0:
         raise SharpscopeError(f"--samples must be positive, got {args.samples}")
     if args.batch_size <= 0:
@@ -196,6 +206,10 @@ def _check_arguments(args: argparse.Namespace) -> None:
             raise SharpscopeError("--orthogonalize needs --dim 2 (two directions)")
         if args.trajectory is not None and args.directions != "pca":
             raise SharpscopeError("--trajectory goes with --directions pca")
+
+
+def _check_partial(args: argparse.Namespace) -> None:
+    """Under the lock: an unfinished run's file is continued only with --resume."""
     partial = partial_path(args.out)
     if os.path.exists(partial) and not args.resume:
         raise SharpscopeError(
@@ -226,6 +240,17 @@ def _sigterm_interrupts() -> Iterator[None]:
 def run(args: argparse.Namespace) -> int:
     _check_arguments(args)  # every rank: reads only, before the process group exists
     device = distributed.init_from_environment(resolve_device(args.device))
+    with contextlib.ExitStack() as held:
+        if distributed.is_main_process():
+            # One process computes a surface at a time: the partial file is its own.
+            held.enter_context(exclusive_lock(args.out + ".lock", f"landscape {args.out}"))
+            remove_stale_temporaries(args.out)
+            remove_stale_temporaries(partial_path(args.out))
+        distributed.on_main(lambda: _check_partial(args))
+        return _run(args, device)
+
+
+def _run(args: argparse.Namespace, device) -> int:
     progress = not args.quiet and sys.stderr.isatty() and distributed.is_main_process()
     partial = partial_path(args.out)
     try:
@@ -267,6 +292,7 @@ def _compute(args: argparse.Namespace, device, progress: bool, partial: str) -> 
         "resume_path": partial,
         "distribute": args.distribute,
         "progress": progress,
+        **loading_from_args(args),
     }
     if len(args.checkpoints) == 2:
         return interpolation_for_checkpoints(

@@ -8,8 +8,10 @@ import sys
 from typing import Any
 
 from .. import distributed
-from ..data import DATASETS, Dataset
+from ..data import Dataset
+from ..devices import resolve_device
 from ..errors import SharpscopeError
+from ..files import remove_stale_temporaries, write_json
 from ..hessian import METHODS
 from ..measure import (
     DEFAULT_AVERAGE_SAMPLES,
@@ -28,14 +30,13 @@ from ..measure import (
 from ..objective import PARAM_FILTERS
 from ..sharpness import NORMS
 from .common import (
+    add_checkpoint_arguments,
     add_device_argument,
     add_evaluation_arguments,
-    add_model_arguments,
     add_overwrite_argument,
     check_output_path,
-    model_options_from_args,
-    resolve_device,
-    write_json,
+    loading_from_args,
+    seed_type,
 )
 
 
@@ -137,16 +138,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="parameters that count: all, or weights without biases and "
         "normalization layers (default: all)",
     )
-    p.add_argument("--seed", type=int, default=0, help="examples, restarts and probes (default: 0)")
+    p.add_argument(
+        "--seed", type=seed_type, default=0, help="examples, restarts and probes (default: 0)"
+    )
     p.add_argument("--json", metavar="FILE", help="write every number with its settings")
     add_overwrite_argument(p, "the --json file")
     p.add_argument("--labels", nargs="+", help="column labels (default: file names)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     add_device_argument(p)
-    g = p.add_argument_group("plain state_dict checkpoints")
-    g.add_argument("--data", choices=DATASETS, help="data set the model was trained on")
-    g.add_argument("--data-dir", help="folder holding CIFAR data (overrides the checkpoint's)")
-    add_model_arguments(p)
+    add_checkpoint_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -184,8 +184,10 @@ def run(args: argparse.Namespace) -> int:
     # (rebuildable, parameter count, finite loss); only then is anything measured.
     settings = _settings(args, progress=not args.quiet and sys.stderr.isatty())
     check_measure_settings(**settings)
-    if args.json:
+    if args.json is not None:
         check_output_path(args.json, overwrite=args.overwrite, inputs=args.checkpoints)
+        if int(os.environ.get("RANK", "0")) == 0:
+            remove_stale_temporaries(args.json)  # of a killed earlier write of it
     if args.density and not args.json:
         raise SharpscopeError("--density is a curve, not a table entry: give --json FILE for it")
     if args.labels and len(args.labels) != len(args.checkpoints):
@@ -203,18 +205,11 @@ def run(args: argparse.Namespace) -> int:
 
 def _measure_all(args: argparse.Namespace, settings: dict, device) -> None:
     settings["progress"] = settings["progress"] and distributed.is_main_process()
-    options = {k: v for k, v in model_options_from_args(args).items() if v is not None}
     datasets: dict[str, Dataset] = {}  # checkpoints of one data set share it
     loaded = []
     for path in args.checkpoints:
         net, dataset, meta = load_model_and_data(
-            path,
-            model=args.model,
-            data=args.data,
-            model_options=options,
-            device=device,
-            data_dir=args.data_dir,
-            datasets=datasets,
+            path, device=device, datasets=datasets, **loading_from_args(args)
         )
         check_model(net, dataset, loss=checkpoint_loss(meta), device=device, **settings)
         loaded.append((path, net, dataset, meta))

@@ -7,6 +7,7 @@ import math
 import os
 
 from ..errors import SharpscopeError
+from ..files import remove_stale_temporaries
 from ..plots import N_LEVELS, STYLES, figure_format, plot_1d, plot_2d
 from .common import add_overwrite_argument, check_output_path
 
@@ -73,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
     from ..landscape import load_surface
 
     check_output_path(args.out, overwrite=args.overwrite, inputs=args.files)
+    remove_stale_temporaries(args.out)  # of a killed earlier write of it
     figure_format(args.out)  # a bad output path fails before any file is read
     if not 1 <= args.levels <= MAX_LEVELS:
         raise SharpscopeError(f"--levels must be between 1 and {MAX_LEVELS}, got {args.levels}")

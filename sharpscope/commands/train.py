@@ -14,18 +14,24 @@ from ..losses import LOSSES
 from ..train import (
     AMP_MODES,
     DEFAULT_EPOCHS,
+    LOCATION_FIELDS,
     OPTIMIZERS,
     SCHEDULES,
     WEIGHT_DECAY_MODES,
+    NoResumePoint,
     TrainConfig,
     load_run_config,
     train,
 )
-from .common import add_data_arguments, add_device_argument, add_model_arguments
+from .common import (
+    add_data_arguments,
+    add_device_argument,
+    add_model_arguments,
+    given_options,
+    seed_type,
+)
 
 _DEFAULTS = TrainConfig()
-# Options that may accompany --resume: they change where and how loudly, not what.
-_RESUME_OPTIONS = {"out", "resume", "overwrite", "quiet", "device", "func", "command"}
 
 DESCRIPTION = """\
 Train a model with SGD, SAM (Foret et al. 2021), ASAM (--adaptive, Kwon et al. 2021) or
@@ -191,7 +197,7 @@ def register(subparsers: Any) -> None:
         "global batch: each of the N processes takes B/N of it",
     )
     g.add_argument("--loss", default=d.loss, choices=LOSSES, help="(default: %(default)s)")
-    g.add_argument("--seed", type=int, default=d.seed, help="(default: %(default)s)")
+    g.add_argument("--seed", type=seed_type, default=d.seed, help="(default: %(default)s)")
     add_device_argument(g)
     g.add_argument(
         "--amp",
@@ -270,26 +276,28 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(**{n: getattr(args, n) for n in names})
 
 
-def run(args: argparse.Namespace) -> int:
-    out = args.out or _default_out(args)
-    if args.resume:
-        parser = args._parser
-        given = [
-            name
-            for name, value in vars(args).items()
-            if name not in _RESUME_OPTIONS
-            and not name.startswith("_")
-            and value != parser.get_default(name)
-        ]
-        if given:
-            flags = ", ".join("--" + n.replace("_", "-") for n in sorted(given))
-            raise SharpscopeError(f"--resume continues the saved configuration; drop {flags}")
-        config = load_run_config(out)
-        if args.device != "auto":
-            config = dataclasses.replace(config, device=args.device)
-    else:
-        config = config_from_args(args)
+def resume_config(out: str, args: argparse.Namespace) -> TrainConfig:
+    """The configuration ``--resume`` continues: the saved run's, with the options the
+    command line writes out on top (a requeued job reruns its whole command: options
+    equal to the saved ones are fine, train() refuses one that differs). A folder with
+    no resume point yet: the command line's own configuration, started afresh."""
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    given = {k: v for k, v in given_options(args._parser, args._argv).items() if k in names}
     try:
+        # A model factory the file names is imported only if the command line names it.
+        saved = load_run_config(out, model=given.get("model"))
+    except NoResumePoint:
+        return config_from_args(args)
+    location = {name: getattr(args, name) for name in LOCATION_FIELDS}
+    return dataclasses.replace(saved, **{**given, **location})
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.out is not None and not args.out.strip():
+        raise SharpscopeError("--out is empty: give a folder")
+    out = args.out or _default_out(args)
+    try:
+        config = resume_config(out, args) if args.resume else config_from_args(args)
         train(config, out, resume=args.resume, overwrite=args.overwrite, quiet=args.quiet)
     except SharpscopeError:
         if int(os.environ.get("RANK", "0")) != 0:
