@@ -398,6 +398,12 @@ def load_surface(path: str | os.PathLike) -> Surface:
         raise SharpscopeError(f"{path}: not a sharpscope landscape file (a .npy array)")
     try:
         with loaded as f:
+            size = _npz_bytes(f)
+            if size > MAX_SURFACE_BYTES:  # checked from the headers, before reading
+                raise SharpscopeError(
+                    f"{path}: its arrays would take {size / 2**30:.3g} GiB, more than a "
+                    f"landscape file holds ({MAX_SURFACE_BYTES / 2**30:g} GiB at most)"
+                )
             data = {k: f[k] for k in f.files}
         missing = [k for k in ("settings", "coords_a", "loss", "accuracy") if k not in data]
         if missing:
@@ -424,23 +430,96 @@ def load_surface(path: str | os.PathLike) -> Surface:
         raise SharpscopeError(
             f"{path}: not a sharpscope landscape file ({first_line(exc)})"
         ) from None
+    _check_surface(path, surface)
+    return surface
+
+
+# The largest finite loss a surface file may hold: beyond it a plot's range overflows.
+MAX_FINITE_VALUE = 1e300
+
+
+def _check_surface(path: str, surface: Surface) -> None:
+    """Refuse, in one line, a surface whose arrays or settings a plot cannot take."""
+    s = surface.settings
+
+    def bad(what: str) -> SharpscopeError:
+        return SharpscopeError(f"{path}: not a valid landscape file ({what})")
+
     if surface.kind not in KINDS:
-        raise SharpscopeError(f"{path}: unknown landscape kind {surface.kind!r}")
+        raise bad(f"unknown kind {surface.kind!r}")
+    for key in ("label", "split"):
+        if s.get(key) is not None and not isinstance(s[key], str):
+            raise bad(f"its {key} is not text")
+    labels = s.get("labels")
+    if labels is not None and not (
+        isinstance(labels, list) and len(labels) == 2 and all(isinstance(v, str) for v in labels)
+    ):
+        raise bad("its labels are not two texts")
+    axes = [("coords_a", surface.coords_a)]
     if surface.kind == "2d":
         if surface.coords_b is None:
-            raise SharpscopeError(f"{path}: a 2-D landscape without coords_b")
-        expected: tuple[int, ...] = (len(surface.coords_b), len(surface.coords_a))
-    else:
-        expected = (len(surface.coords_a),)
-    if surface.loss.shape != expected or surface.accuracy.shape != expected:
-        raise SharpscopeError(
-            f"{path}: loss {surface.loss.shape} does not match the coordinates {expected}"
-        )
-    if surface.trajectory is not None and (
-        surface.trajectory.ndim != 2 or surface.trajectory.shape[1] != 2
+            raise bad("a 2-D landscape without coords_b")
+        axes.append(("coords_b", surface.coords_b))
+    for name, coords in axes:
+        if not _is_real(coords) or coords.ndim != 1 or len(coords) < 1:
+            raise bad(f"{name} must be a list of real numbers")
+        if not np.isfinite(coords).all() or (np.diff(coords) <= 0).any():
+            raise bad(f"{name} must be finite and increasing")
+    expected = tuple(len(c) for _, c in axes[::-1])
+    for name in ("loss", "accuracy"):
+        values = getattr(surface, name)
+        if not _is_real(values):
+            raise bad(f"{name} must be real numbers")
+        if values.shape != expected:
+            raise bad(f"{name} {values.shape} does not match the coordinates {expected}")
+        finite = values[np.isfinite(values)]
+        if finite.size and np.abs(finite).max() > MAX_FINITE_VALUE:
+            raise bad(f"{name} values beyond {MAX_FINITE_VALUE:g}")
+    accuracy = surface.accuracy[np.isfinite(surface.accuracy)]
+    if accuracy.size and (accuracy.min() < 0 or accuracy.max() > 1):
+        raise bad("accuracy outside [0, 1]")
+    trajectory = surface.trajectory
+    if trajectory is not None and (
+        not _is_real(trajectory)
+        or trajectory.ndim != 2
+        or trajectory.shape[1] != 2
+        or not np.isfinite(trajectory).all()
     ):
-        raise SharpscopeError(f"{path}: trajectory must be (k, 2)")
-    return surface
+        raise bad("trajectory must be (k, 2) finite numbers")
+    for name in ("d1", "d2"):
+        vector = getattr(surface, name)
+        if vector is not None and (not _is_real(vector) or vector.ndim != 1):
+            raise bad(f"{name} must be a vector of real numbers")
+    for name in ("coords_a", "coords_b", "loss", "accuracy", "trajectory"):
+        value = getattr(surface, name)
+        if value is not None:
+            setattr(surface, name, value.astype(np.float64))
+
+
+# The most a landscape file's arrays may take: a 1000 x 1000 grid and the two direction
+# vectors of a 400M-parameter model in float32 fit.
+MAX_SURFACE_BYTES = 4 * 2**30
+
+
+def _npz_bytes(f: np.lib.npyio.NpzFile) -> int:
+    """The bytes the arrays of ``f`` would take, read from their .npy headers only."""
+    total = 0
+    for name in f.files:
+        with f.zip.open(name + ".npy") as member:
+            version = np.lib.format.read_magic(member)
+            read_header = (
+                np.lib.format.read_array_header_1_0
+                if version == (1, 0)
+                else np.lib.format.read_array_header_2_0
+            )
+            shape, _, dtype = read_header(member)
+        total += math.prod(shape) * dtype.itemsize
+    return total
+
+
+def _is_real(a: Any) -> bool:
+    """A numpy array of real numbers (floats or integers; not bool, complex or text)."""
+    return isinstance(a, np.ndarray) and a.dtype.kind in "fiu"
 
 
 def check_grid_points(nx: Any, ny: Any = 1) -> tuple[int, int]:

@@ -220,10 +220,13 @@ def load_run_config(out: str, *, model: str | None = None, trust_code: bool = Fa
             raise NoResumePoint(f"{out}: no resume checkpoint (resume.pt) to continue from")
         path = os.path.join(out, "resume.pt")
         saved = read_checkpoint(path)
-    config = config_from_dict(saved.get("config"), path)
+    config = dataclasses.replace(
+        config_from_dict(saved.get("config"), path), data_dir=None, download=False
+    )
     if config.model is not None:
         check_trusted_model(config.model, path, named=model, trust_code=trust_code)
-    return dataclasses.replace(config, data_dir=None, download=False)
+    resolve_config(config)  # registry data sets, known choices, ranges: refused on read
+    return config
 
 
 # -- configuration checks ---------------------------------------------------------------

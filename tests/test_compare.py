@@ -172,6 +172,38 @@ def test_compare_never_leaves_a_half_written_folder(checkpoints, tmp_path, monke
     assert not [n for n in os.listdir(out) if n.startswith(".compare-")]  # no staging left
 
 
+@pytest.mark.parametrize("names", [("interpolation.npz", "1d_b.npz"), ("a.pt", "report.md")])
+def test_compare_never_writes_over_its_inputs_by_any_path(checkpoints, tmp_path, capsys, names):
+    out = tmp_path / "out"
+    out.mkdir()
+    inputs = []
+    for source, name in zip(checkpoints, names, strict=True):
+        target = out / name  # a checkpoint named like one of compare's outputs
+        target.write_bytes(open(source, "rb").read())
+        inputs.append(target)
+    link = tmp_path / "link.pt"  # and one reached through a link
+    os.symlink(inputs[1], link)
+    before = {p: p.read_bytes() for p in inputs}
+    for a, b in ((inputs[0], inputs[1]), (inputs[0], link)):
+        argv = ["compare", str(a), str(b), "--out", str(out), "--overwrite", "--quick"]
+        assert main([*argv, "--no-measure", "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert "is where compare writes" in err and err.count("\n") == 1
+    assert {p: p.read_bytes() for p in inputs} == before
+    assert sorted(os.listdir(out)) == sorted(names)
+
+
+def test_compare_takes_one_process_at_a_time(checkpoints, tmp_path):
+    from sharpscope.files import LOCK_NAME, exclusive_lock
+
+    out = tmp_path / "out"
+    out.mkdir()
+    with exclusive_lock(str(out / LOCK_NAME), "another compare"):
+        with pytest.raises(SharpscopeError, match="in use by another sharpscope process"):
+            report.compare_checkpoints(*checkpoints, str(out), **SMALL)
+    assert os.listdir(out) == []
+
+
 def test_compare_command_exit_codes(checkpoints, tmp_path, capsys):
     (tmp_path / "file").write_text("")
     blocked = ["compare", *checkpoints, "--out", str(tmp_path / "file" / "out"), "--quick"]

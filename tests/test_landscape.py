@@ -549,7 +549,7 @@ def test_load_surface_rejects_foreign_files(tmp_path):
     settings = np.asarray(json.dumps({"kind": "1d"}))
     np.savez(
         tmp_path / "shape.npz",
-        coords_a=np.zeros(3),
+        coords_a=np.arange(3.0),
         loss=np.zeros(4),
         accuracy=np.zeros(4),
         settings=settings,

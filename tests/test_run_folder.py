@@ -22,6 +22,7 @@ from sharpscope.checkpoint import read_checkpoint
 from sharpscope.cli import main
 from sharpscope.errors import SharpscopeError
 from sharpscope.files import LOCK_NAME, exclusive_lock
+from tests.cli_utils import exit2
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--data", "synthetic", "--train-subset", "64", "--model", "mlp", "--width", "8"]
@@ -274,7 +275,7 @@ def test_a_requeued_job_reruns_its_own_command_line(new_reference, tmp_path, cap
     step = read_checkpoint(out / "resume.pt")["resume"]["step"]
     assert 0 < step < 8
     before = {k: v for k, v in _files(out).items() if not k.startswith(".tmp-")}
-    err = _exit2([*argv, "--resume", "--lr", "0.2"], capsys)
+    err = exit2([*argv, "--resume", "--lr", "0.2"], capsys)
     assert "--lr (0.1 saved, 0.2 now)" in err
     assert _files(out) == before
     assert main([*argv, "--resume"]) == 0  # the same options: accepted
@@ -295,9 +296,24 @@ def test_resume_of_a_folder_with_no_resume_point_starts_the_run_and_says_so(
         _same_weights(out / "checkpoint.pt", new_reference)
 
 
-def _exit2(argv: list[str], capsys) -> str:
-    code = main(argv)
-    err = capsys.readouterr().err
-    assert code == 2, err
-    assert err.count("\n") == 1 and "Traceback" not in err, err
-    return err
+def test_two_processes_on_one_landscape(old_run, tmp_path, capsys):
+    checkpoint = str(old_run[0] / "checkpoint.pt")
+    out = tmp_path / "surface.npz"
+    argv = ["landscape", checkpoint, "--out", str(out), "--dim", "2", "--points", "301"]
+    argv += ["--samples", "64", "--quiet"]
+    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
+    first = subprocess.Popen([sys.executable, "-m", "sharpscope", *argv], env=env, cwd=REPO)
+    try:
+        deadline = time.monotonic() + 120
+        lock = tmp_path / "surface.npz.lock"
+        while not (lock.exists() and lock.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert first.poll() is None, "the first landscape ended before the second could start"
+        for flags in ([], ["--resume"]):
+            assert main([*argv, *flags]) == 2
+            err = capsys.readouterr().err
+            assert f"in use by another sharpscope process (process {first.pid})" in err, err
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    assert not out.exists()

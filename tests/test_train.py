@@ -31,6 +31,7 @@ from sharpscope.train import (
     resolve_config,
     train,
 )
+from tests.cli_utils import exit2
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -427,17 +428,6 @@ def test_overwrite_replaces_only_the_run_files(tmp_path, capsys):
 
 
 # -- the command line ---------------------------------------------------------------------------
-def _exit2(argv: list[str], capsys) -> str:
-    try:
-        code = main(argv)
-    except SystemExit as exc:  # argparse's own usage errors
-        code = exc.code
-    err = capsys.readouterr().err
-    assert code == 2, err
-    assert err.count("\n") == 1 and "Traceback" not in err, err
-    return err
-
-
 @pytest.mark.parametrize(
     "argv, message",
     [
@@ -454,7 +444,7 @@ def _exit2(argv: list[str], capsys) -> str:
 )
 def test_bad_options_exit_2_before_anything_is_written(tmp_path, capsys, argv, message):
     out = tmp_path / "run"
-    err = _exit2(["train", *argv, "--out", str(out), "--quiet"], capsys)
+    err = exit2(["train", *argv, "--out", str(out), "--quiet"], capsys)
     assert message in err
     assert not out.exists()
 
@@ -463,9 +453,9 @@ def test_existing_run_is_never_overwritten_without_a_flag(tmp_path, capsys):
     out = tmp_path / "run"
     train(_config(epochs=1), out, quiet=True)
     before = {p: (out / p).read_bytes() for p in ("checkpoint.pt", "metrics.jsonl")}
-    err = _exit2(["train", *_cli(TINY), "--out", str(out)], capsys)
+    err = exit2(["train", *_cli(TINY), "--out", str(out)], capsys)
     assert "--resume" in err and "--overwrite" in err
-    err = _exit2(["train", "--out", str(out), "--resume", "--rho", "0.1"], capsys)
+    err = exit2(["train", "--out", str(out), "--resume", "--rho", "0.1"], capsys)
     assert "--rho" in err
     assert {p: (out / p).read_bytes() for p in before} == before
 
@@ -475,7 +465,7 @@ def test_foreign_folders_are_refused_and_left_alone(tmp_path, capsys):
     foreign.mkdir()
     (foreign / "thesis.tex").write_text("precious")
     for flags in ([], ["--overwrite"], ["--resume"]):
-        err = _exit2(["train", "--out", str(foreign), *flags], capsys)
+        err = exit2(["train", "--out", str(foreign), *flags], capsys)
         assert "not a sharpscope run folder" in err
         assert os.listdir(foreign) == ["thesis.tex"]
 
