@@ -2,7 +2,7 @@
 
 Prints APGD time per step / gradient time (each step is one gradient of the whole set,
 plus vector work and one final forward pass per run, so about 1 is the floor) and the
-convergence check of ALGORITHMS.md: the default N = 20 steps, 1 restart
+convergence check of docs/algorithms.md: the default N = 20 steps, 1 restart
 against N = 100, R = 5 (a converged number moves by < 5%), for l2 at rho 0.05 and 0.1,
 adaptive l2 at rho 0.1 and linf at rho 0.001.
 

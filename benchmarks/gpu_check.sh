@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The CUDA checks of issue 5 in one prepared run (a few minutes on one H100/H200):
+# The CUDA checks (training, measure, landscape, benchmarks) in one prepared run (a few minutes on one H100/H200):
 #   - a short CIFAR-shaped run with bf16 autocast (a fake CIFAR-10 folder of random
 #     images in the release's format: reading, augmentation and the model all as for
 #     the real data),

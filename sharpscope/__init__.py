@@ -1,7 +1,7 @@
 """sharpscope: the sharpness of neural-network minima.
 
 Train with SAM or SGD, measure worst-case sharpness and Hessian spectra, and draw
-loss landscapes, all as functions of one objective L(w) (see DESIGN.md).
+loss landscapes, all as functions of one objective L(w) (see docs/design.md).
 """
 
 from .checkpoint import load_checkpoint, read_checkpoint, save_checkpoint

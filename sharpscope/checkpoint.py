@@ -1,6 +1,6 @@
 """Safe checkpoints: plain dicts of tensors and JSON-able values.
 
-Format (DESIGN.md, "Checkpoint")::
+Format (docs/design.md, "Contracts")::
 
     {"format": "sharpscope-checkpoint", "version": 1,
      "model": {"name": ..., "kwargs": {...}},      # models.model_spec

@@ -1,6 +1,6 @@
 """The ``sharpscope`` command line: parsing and printing only; the work is in the API.
 
-Exit codes (DESIGN.md): 0 success; 2 bad usage or bad input, one line on stderr
+Exit codes (docs/design.md): 0 success; 2 bad usage or bad input, one line on stderr
 and no traceback; 1 an unexpected failure; 130 interrupted by the user.
 """
 

@@ -172,7 +172,7 @@ def lanczos(
     The Krylov space grows by one vector per ``matvec`` until the k wanted Ritz pairs all
     have residual ||A y - theta y|| <= tol |theta| (read off T for free, see
     :func:`_lanczos_process`), and has at least max(2k + 1, 20) vectors before that
-    counts (ALGORITHMS.md; ARPACK's default ``ncv`` in scipy's ``eigsh``): a larger
+    counts (docs/algorithms.md; ARPACK's default ``ncv`` in scipy's ``eigsh``): a larger
     eigenvalue the start vector barely touches may not have appeared in a smaller one.
     The basis is kept, not restarted, so no product is thrown away; memory is
     n x (steps taken). ``max_iter`` caps the steps (default max(10k, 100), at most n);
@@ -244,7 +244,7 @@ def power_iteration(
     Each eigenvector is iterated on the operator deflated against those found so far
     (v kept orthogonal to them) and stops on its residual ||A v - lambda v|| <= tol |lambda|,
     not on the relative change of lambda: that stalls early when the top two eigenvalues
-    are close (PyHessian's rule; STYLE.md). Power iteration finds the eigenvalue of largest
+    are close (PyHessian's rule). Power iteration finds the eigenvalue of largest
     magnitude, so "largest" runs on A + rho I when a negative eigenvalue dominates and
     "smallest" on rho I - A, rho the spectral radius from a first run. Eigenvectors
     before the last are converged to tol / 10, since the error of a vector deflated
@@ -564,7 +564,7 @@ def hessian_eigenvalues(
         cache_graph: build the gradient graph once and reuse it for every product
             (see :func:`hvp_operator`); default: when the data is one batch.
 
-    The default tol 1e-4 is the accuracy issue 3 asks for. ``converged`` is False (and a
+    The default tol 1e-4 is the accuracy the measurements aim at. ``converged`` is False (and a
     warning raised) when ``max_iter`` ran out before every pair met tol.
     """
     if method not in METHODS:

@@ -200,7 +200,7 @@ def orthogonalize(d1: torch.Tensor, d2: torch.Tensor) -> torch.Tensor:
     """d2 with its component along d1 removed, rescaled to d2's norm (Gram-Schmidt).
 
     Call it after normalization: normalizing after orthogonalizing rescales each filter
-    and undoes the orthogonality (ALGORITHMS.md). The result keeps d2's overall norm
+    and undoes the orthogonality (docs/algorithms.md). The result keeps d2's overall norm
     but no longer its filter norms exactly.
     """
     d2_perp = d2 - torch.dot(d2, d1) / torch.dot(d1, d1) * d1

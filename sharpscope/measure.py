@@ -1,7 +1,7 @@
 """One model, every number: loss, accuracy, sharpness and Hessian spectrum.
 
 :func:`measure` returns the JSON document behind ``sharpscope measure``: every value
-sits next to the settings that produced it (DESIGN.md, "Results"). The work is split so
+sits next to the settings that produced it (docs/design.md, "Contracts"). The work is split so
 that a command measuring several checkpoints can refuse bad input before the long part:
 :func:`check_measure_settings` (no model needed), :func:`load_model_and_data` (one
 checkpoint), :func:`check_model` (one model: parameter count, finite loss), then
@@ -28,13 +28,13 @@ from .objective import PARAM_FILTERS, Objective, model_fits_data
 from .sharpness import NORMS, average_sharpness, sharpness
 
 # Defaults, each with its source.
-DEFAULT_SAMPLES = 1024  # issue 3: 1024 examples (or all if fewer)
+DEFAULT_SAMPLES = 1024  # 1024 fixed examples (or all if fewer): stable top eigenvalues
 DEFAULT_BATCH_SIZE = 512  # forward-pass size; no effect on the numbers (objective.py)
 DEFAULT_RHOS = (0.05,)  # SAM's default radius (Foret et al. 2021)
-DEFAULT_STEPS = 20  # APGD steps (Andriushchenko et al. 2023, Sec. 3; ALGORITHMS.md)
+DEFAULT_STEPS = 20  # APGD steps (Andriushchenko et al. 2023, Sec. 3)
 DEFAULT_AVERAGE_SAMPLES = 100  # Monte Carlo draws (Andriushchenko et al. 2023's code)
 DEFAULT_TRACE_SAMPLES = 100  # PyHessian's trace budget (maxIter=100)
-DEFAULT_EIG_TOL = 1e-4  # relative residual issue 3's benchmark asks for
+DEFAULT_EIG_TOL = 1e-4  # relative residual of eigenpairs (benchmarks/bench_hessian.py)
 
 
 def _with_defaults(settings: dict[str, Any]) -> dict[str, Any]:
@@ -113,7 +113,7 @@ def _objectives(
     for name in ("train", "test"):
         x, y = dataset.examples(name, samples, seed=seed)
         if x.is_floating_point():
-            x = x.to(dtype)  # a float64 model is measured in float64 (issue 3)
+            x = x.to(dtype)  # a float64 model is measured in float64
         objectives[name] = Objective(
             model,
             (x, y),
@@ -121,7 +121,7 @@ def _objectives(
             param_filter=param_filter,
             batch_size=batch_size,
             device=device,
-            accumulate_dtype=torch.float64,  # ALGORITHMS.md pitfalls: small-rho differences
+            accumulate_dtype=torch.float64,  # docs/algorithms.md, pitfalls: small-rho differences
         )
     return objectives
 

@@ -1,7 +1,7 @@
 """The objective: L(w), its gradient and Hessian-vector products over fixed data.
 
 Every analyzer in sharpscope is a function of one scalar function of the weights
-(DESIGN.md, "The one idea")::
+(docs/design.md, "One function of the weights")::
 
     L(w) = sum over batches b of (n_b / n) * mean loss of batch b at weights w
 
@@ -118,7 +118,7 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
 @contextlib.contextmanager
 def exact_float32() -> Iterator[None]:
     """Disable TF32 on CUDA for the duration: curvature and small-rho sharpness
-    differences are far below TF32's 10-bit mantissa (ALGORITHMS.md, pitfalls)."""
+    differences are far below TF32's 10-bit mantissa (docs/algorithms.md, pitfalls)."""
     saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False

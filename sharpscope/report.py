@@ -53,7 +53,7 @@ from .measure import format_table, measure_checkpoint
 from .plots import plot_1d, plot_2d, shared_color_scale
 
 # Defaults, each with its source.
-DEFAULT_SAMPLES = 1024  # issue 3's evaluation set: 1024 fixed examples (or all if fewer)
+DEFAULT_SAMPLES = 1024  # measure's evaluation set: 1024 fixed examples (or all if fewer)
 DEFAULT_TRACE_SAMPLES = 100  # PyHessian's Hutchinson budget (maxIter=100)
 FIGURE_FORMATS = ("pdf", "png")  # vector for the paper, PNG for report.md
 FIGURES = ("interpolation", "1d", "2d_contour", "2d_surface3d")

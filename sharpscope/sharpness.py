@@ -155,7 +155,7 @@ def _apgd(
     seed: int,
     bar: tqdm,
 ) -> tuple[float, torch.Tensor]:
-    """Best (L(w + c u), u) over ``restarts`` APGD runs of ``steps`` steps (ALGORITHMS.md)."""
+    """Best (L(w + c u), u) over ``restarts`` APGD runs of ``steps`` steps (docs/algorithms.md)."""
     checkpoints = set(apgd_checkpoints(steps))
     gen = torch.Generator().manual_seed(seed)
     w0, dtype = obj.w0, obj.w0.dtype
@@ -241,7 +241,7 @@ def sharpness(
             ``seed + i``. Under a process group the batches are shared out over the ranks.
         seed: seeds the random restarts (a local generator).
         accumulate_dtype: dtype for summing L over batches (float64 keeps small-rho
-            differences exact, ALGORITHMS.md pitfalls).
+            differences exact; docs/algorithms.md, pitfalls).
         return_perturbation: keep the best eps (shape (n_params,), the objective's flat
             layout) in the result; only without m.
 
@@ -374,7 +374,7 @@ def average_sharpness(
 ) -> AverageSharpnessResult:
     """Average-case sharpness E[L(w + eps)] - L(w) by Monte Carlo.
 
-    The scaling convention, decided here (ALGORITHMS.md, "Average-case"): rho is a
+    The scaling convention, decided here (docs/algorithms.md, "Average-case sharpness"): rho is a
     per-coordinate scale, not a radius.
 
     - "l2": eps_i ~ N(0, (rho c_i)^2) independently, i.e. eps ~ N(0, rho^2 diag(c^2)),

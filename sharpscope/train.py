@@ -1,6 +1,6 @@
 """The training loop: SGD, SAM, ASAM and GSAM on a sharpscope data set, with resume.
 
-One file, read top to bottom (STYLE.md, nanoGPT): configuration (:class:`TrainConfig`),
+One file, read top to bottom (in the spirit of nanoGPT): configuration (:class:`TrainConfig`),
 the run folder, one optimization step (:meth:`_Trainer.step`), the epoch loop
 (:func:`train`). A run folder ``OUT`` holds::
 
@@ -17,7 +17,7 @@ learning rate is a function of the step. So a run resumed from any resume checkp
 replays exactly the steps the uninterrupted run would take: on the CPU its final
 weights are bit-identical.
 
-Data parallelism (``torchrun --nproc_per_node N -m sharpscope train ...``, issue 5):
+Data parallelism (``torchrun --nproc_per_node N -m sharpscope train ...``):
 every process joins the process group (:func:`sharpscope.distributed.init_from_environment`),
 wraps the model in DistributedDataParallel and draws the same (seed, epoch) permutation;
 process r takes the r-th contiguous slice of each global batch (``--batch-size`` is the
@@ -138,13 +138,13 @@ class TrainConfig:
     loss: str = "ce"
     seed: int = 0
     device: str = "auto"
-    # "auto": bf16 autocast on CUDA (issue 5; bf16 keeps fp32's exponent range, so no
+    # "auto": bf16 autocast on CUDA (bf16 keeps fp32's exponent range, so no
     # loss scaling: Kalamkar et al. 2019), none on the CPU.
     amp: str = "auto"
     sync_bn: bool = False  # under torchrun: SyncBatchNorm, statistics of the global batch
     eval_every: int = 1  # evaluate the test set every N epochs
     eval_batch_size: int = 1024
-    # tracking (issue 3): top Hessian eigenvalue every N steps on a fixed training subset
+    # tracking: top Hessian eigenvalue every N steps on a fixed training subset
     track_every: int | None = None
     track_sharpness: bool = False
     track_samples: int = 512

@@ -1,4 +1,4 @@
-"""Data-parallel training (issue 5): 2 gloo processes on the CPU against one process.
+"""Data-parallel training: 2 gloo processes on the CPU against one process.
 
 Each spawn of processes costs seconds, so one spawned function runs several cases and
 writes what each rank saw to files; the tests compare those with one-process runs and

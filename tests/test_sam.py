@@ -91,7 +91,7 @@ def test_dual_norm_step_is_on_the_sphere_and_attains_the_dual_norm(p):
 
 
 def test_asam_p2_is_rho_t_squared_g_over_norm_tg(tiny_mlp, tiny_data):
-    """The closed form of ALGORITHMS.md: eps = rho T^2 g / (||T g|| + 1e-12), T = |w| + eta."""
+    """The closed form (Kwon et al. 2021): eps = rho T^2 g / (||T g|| + 1e-12), T = |w| + eta."""
     rho, eta = 0.5, 0.01
     opt = SAM(tiny_mlp.parameters(), torch.optim.SGD, rho=rho, adaptive=True, eta=eta, lr=0.1)
     _loss(tiny_mlp, tiny_data).backward()

@@ -509,7 +509,7 @@ def test_default_config_is_the_documented_digits_run():
     )
 
 
-# -- tracking (issue 3) -------------------------------------------------------------------------
+# -- tracking ----------------------------------------------------------------------------------
 def test_tracked_top_eigenvalue_matches_the_dense_hessian(tmp_path):
     pytest.importorskip("sharpscope.hessian")
     out = tmp_path / "run"
