@@ -21,6 +21,7 @@ import json
 import os
 import pickle
 import warnings
+import zipfile
 from typing import Any
 
 import torch
@@ -28,7 +29,7 @@ from torch import nn
 
 from .errors import SharpscopeError, first_line
 from .files import atomic_write
-from .models import build_model, model_spec
+from .models import build_model, check_spec, model_spec
 
 FORMAT = "sharpscope-checkpoint"
 VERSION = 1
@@ -55,6 +56,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise SharpscopeError(f"{path}: no such file")
     if os.path.getsize(path) == 0:
         raise SharpscopeError(f"{path}: not a readable checkpoint (an empty file)")
+    _check_archive(path)
     try:
         with warnings.catch_warnings():  # torch warns about old pickle protocols: our error says it
             warnings.simplefilter("ignore")
@@ -81,6 +83,27 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         return {"state_dict": _state_dict(path, obj["state_dict"])}
     raise SharpscopeError(f"{path}: not a sharpscope checkpoint or a state_dict")
+
+
+def _check_archive(path: str) -> None:
+    """Refuse a torch zip archive that would inflate beyond its size when loaded: torch.save
+    stores its records uncompressed, so a compressed record (or one claiming more bytes
+    than the file holds) can only be a file built to exhaust memory."""
+    if not zipfile.is_zipfile(path):
+        return  # torch's legacy format, or not a torch file: torch.load says which
+    size = os.path.getsize(path)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            records = archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return
+    if any(r.compress_type != zipfile.ZIP_STORED for r in records) or (
+        sum(r.file_size for r in records) > size
+    ):
+        raise SharpscopeError(
+            f"{path}: refusing to load, its records are compressed or larger than the file "
+            "(torch.save never writes such a file)"
+        )
 
 
 # The entries of a sharpscope checkpoint and the type each must have.
@@ -112,12 +135,7 @@ def _check_fields(path: str, obj: dict[str, Any]) -> None:
                 f"{path}: a damaged checkpoint ({key!r} is a {type(obj[key]).__name__})"
             )
     if "model" in obj:
-        spec = obj["model"]
-        name, kwargs = spec.get("name"), spec.get("kwargs", {})
-        if not isinstance(name, str) or not name:
-            raise SharpscopeError(f"{path}: a damaged checkpoint (its model has no name)")
-        if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
-            raise SharpscopeError(f"{path}: a damaged checkpoint (model kwargs are not a dict)")
+        check_spec(obj["model"], f"{path}: a damaged checkpoint")
 
 
 def _state_dict(path: str, state: Any) -> dict[str, torch.Tensor]:

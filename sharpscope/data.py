@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .checks import is_whole
 from .errors import SharpscopeError
 
 DATASETS = ("digits", "mnist1d", "cifar10", "cifar100", "synthetic")
@@ -160,22 +161,18 @@ def data_spec_from_file(
             f"{source}: unknown data set {name!r} (sharpscope reads {', '.join(DATASETS)})"
         )
     subset = spec.get("train_subset")
-    if subset is not None and not _is_count(subset):
+    if subset is not None and not is_whole(subset, 1):
         raise SharpscopeError(f"{source}: bad train_subset {subset!r} in its data entry")
     synthetic = spec.get("synthetic") if name == "synthetic" else None
     if synthetic is not None:
         if not isinstance(synthetic, dict) or set(synthetic) - set(SYNTHETIC_DEFAULTS):
             raise SharpscopeError(f"{source}: bad synthetic data settings {synthetic!r}")
         for key, value in synthetic.items():
-            if not (_is_count(value) or (key == "seed" and value == 0)):
+            if not is_whole(value, 0 if key == "seed" else 1):
                 raise SharpscopeError(f"{source}: bad synthetic {key} {value!r}")
     return data_spec(
         name, train_subset=subset, data_dir=data_dir, download=download, synthetic=synthetic
     )
-
-
-def _is_count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 def load_dataset(spec: dict[str, Any] | str) -> Dataset:

@@ -87,32 +87,21 @@ def _disk_words(exc: BaseException, folder: str) -> str:
     return text
 
 
-def remove_stale_temporaries(path: str | os.PathLike) -> list[str]:
+def remove_stale_temporaries(path: str | os.PathLike, *, name_pattern: bool = False) -> list[str]:
     """Delete the temporary files that killed writes of ``path`` left beside it; returns
-    their paths. Only files named for ``path`` are touched (another program's, or
-    another output's, stay)."""
+    their paths. Only files named for ``path`` are touched (``.tmp-NAME-`` and mkstemp's
+    8 characters): another program's, or another output's, stay. With ``name_pattern``
+    the file name of ``path`` is a glob pattern (``trajectory/step_*.pt``)."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
-    pattern = os.path.join(glob.escape(folder), glob.escape(_tmp_prefix(path)) + "*")
+    name = os.path.basename(path)
+    prefix = glob.escape(TMP_PREFIX) + (name if name_pattern else glob.escape(name))
     removed = []
-    for stale in glob.glob(pattern):
+    for stale in glob.glob(os.path.join(glob.escape(folder), prefix + "-" + "?" * 8)):
         if os.path.isfile(stale) and not os.path.islink(stale):
             with contextlib.suppress(FileNotFoundError):
                 os.remove(stale)
                 removed.append(stale)
-    return removed
-
-
-def remove_all_temporaries(folder: str) -> list[str]:
-    """Delete every ``.tmp-*`` file in ``folder`` (one this process owns, under a lock)."""
-    removed = []
-    if os.path.isdir(folder):
-        for name in os.listdir(folder):
-            stale = os.path.join(folder, name)
-            if name.startswith(TMP_PREFIX) and os.path.isfile(stale):
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(stale)
-                    removed.append(stale)
     return removed
 
 

@@ -502,10 +502,12 @@ MAX_SURFACE_BYTES = 4 * 2**30
 
 
 def _npz_bytes(f: np.lib.npyio.NpzFile) -> int:
-    """The bytes the arrays of ``f`` would take, read from their .npy headers only."""
+    """The bytes the arrays of ``f`` would take, read from the .npy headers of all its
+    members (numpy may read a member named ``NAME`` for the key ``NAME`` rather than
+    ``NAME.npy``: every member counts)."""
     total = 0
-    for name in f.files:
-        with f.zip.open(name + ".npy") as member:
+    for name in f.zip.namelist():
+        with f.zip.open(name) as member:
             version = np.lib.format.read_magic(member)
             read_header = (
                 np.lib.format.read_array_header_1_0

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .checks import is_real, is_whole
 from .errors import SharpscopeError
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU}
@@ -263,22 +264,28 @@ _KWARG_KINDS = {
 }
 
 
+# The deepest registry model: even its meta build takes a layer-by-layer loop, and the
+# deepest networks in the literature have about a thousand layers (He et al. 2016's
+# ResNet-1001).
+MAX_DEPTH = 1000
+
+
 def _check_registry_kwargs(name: str, kwargs: dict[str, Any]) -> None:
+    depth = kwargs.get("depth")
+    if isinstance(depth, int) and depth > MAX_DEPTH:
+        raise SharpscopeError(f"cannot build model {name!r}: depth {depth} (at most {MAX_DEPTH})")
     for key, value in kwargs.items():
         kind = _KWARG_KINDS.get(key)
-        is_int = isinstance(value, int) and not isinstance(value, bool)
         ok = {
             None: True,  # unknown keywords: the factory's signature refuses them
             "shape": isinstance(value, list | tuple)
             and 1 <= len(value) <= 4
-            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value),
-            "count": is_int and value >= 1,
-            "int": is_int,
+            and all(is_whole(v, 1) for v in value),
+            "count": is_whole(value, 1),
+            "int": is_whole(value),
             "str": isinstance(value, str),
             "bool": isinstance(value, bool),
-            "fraction": isinstance(value, int | float)
-            and not isinstance(value, bool)
-            and 0 <= value < 1,
+            "fraction": is_real(value) and 0 <= value < 1,
         }[kind]
         if not ok:
             raise SharpscopeError(f"cannot build model {name!r}: bad {key} {value!r}")
@@ -298,28 +305,21 @@ def check_spec(spec: Any, source: str = "model spec") -> tuple[str, dict[str, An
     return name, kwargs
 
 
-def model_size(spec: dict[str, Any]) -> int | None:
-    """Bytes of the parameters and buffers of the model ``spec`` describes, found by
-    building it on the ``meta`` device (shapes only, nothing allocated); None when a
-    user's factory cannot be built there."""
-    model = _on_meta(spec)
-    if model is None:
-        return None
-    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
-
-
 def _on_meta(spec: dict[str, Any], source: str = "model spec") -> nn.Module | None:
     name, kwargs = check_spec(spec, source)
     factory = _resolve(name)
     try:
         with torch.device("meta"):
-            return factory(**kwargs)
+            model = factory(**kwargs)
     except SharpscopeError:
         raise
     except Exception as exc:
         if name in MODELS:  # our own factories run on meta: the spec is wrong
             raise SharpscopeError(f"cannot build model {name!r}: {_first(exc)}") from None
         return None  # a user's factory may need real tensors; it is built for real
+    if not isinstance(model, nn.Module):
+        raise SharpscopeError(f"model factory {name!r} did not return a torch.nn.Module")
+    return model
 
 
 def build_model(
@@ -340,12 +340,8 @@ def build_model(
     if weights is not None or max_bytes is not None:
         skeleton = _on_meta(spec, source)
         if skeleton is not None:
-            shapes = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
             if weights is not None:
-                wanted = {k: tuple(v.shape) for k, v in weights.items()}
-                if shapes != wanted:
-                    detail = _shape_difference(shapes, wanted)
-                    raise SharpscopeError(f"{source}: weights do not fit the model ({detail})")
+                check_weights_fit(skeleton.state_dict(), weights, source)
             size = sum(t.numel() * t.element_size() for t in skeleton.state_dict().values())
             if max_bytes is not None and size > max_bytes:
                 raise SharpscopeError(
@@ -362,6 +358,28 @@ def build_model(
     if not isinstance(model, nn.Module):
         raise SharpscopeError(f"model factory {name!r} did not return a torch.nn.Module")
     return model
+
+
+def check_weights_fit(
+    model_state: dict[str, torch.Tensor], weights: dict[str, torch.Tensor], source: str
+) -> None:
+    """Refuse ``weights`` whose names, shapes or kinds of number (real, complex, whole)
+    differ from ``model_state``'s: load_state_dict would fail, or cast them silently."""
+    have = {k: tuple(v.shape) for k, v in model_state.items()}
+    want = {k: tuple(v.shape) for k, v in weights.items()}
+    if have != want:
+        detail = _shape_difference(have, want)
+        raise SharpscopeError(f"{source}: weights do not fit the model ({detail})")
+    for key, value in weights.items():
+        if _number_kind(value) != _number_kind(model_state[key]):
+            raise SharpscopeError(
+                f"{source}: weights do not fit the model ({key}: {value.dtype} weights "
+                f"for a {model_state[key].dtype} model)"
+            )
+
+
+def _number_kind(t: torch.Tensor) -> str:
+    return "complex" if t.is_complex() else "real" if t.is_floating_point() else "whole"
 
 
 def _shape_difference(have: dict[str, tuple], want: dict[str, tuple]) -> str:

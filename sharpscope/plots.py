@@ -394,6 +394,8 @@ def plot_2d(
     if quantity not in ("loss", "accuracy"):
         raise SharpscopeError(f"unknown quantity {quantity!r}: choose loss or accuracy")
     _check_kinds(surfaces, ("2d",), "a 2-D plot")
+    if any(min(np.shape(s.loss)) < 2 for s in surfaces):
+        raise SharpscopeError("a 2-D plot needs at least 2 points along each axis")
     names = _labels(surfaces, labels)
     grids = [_grid(s, quantity) for s in surfaces]
     if quantity == "accuracy":

@@ -18,9 +18,9 @@
 from __future__ import annotations
 
 import contextlib
-import glob
 import math
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -37,7 +37,7 @@ from .files import (
     LOCK_NAME,
     exclusive_lock,
     json_safe,
-    remove_all_temporaries,
+    remove_stale_temporaries,
     write_json,
     write_text,
 )
@@ -335,21 +335,24 @@ def _same_file(a: str, b: str) -> bool:
 def _staging_folder(out: str, overwrite: bool) -> Iterator[str]:
     """A staging folder inside ``out``, with ``out`` created and locked meanwhile.
 
-    A staging folder left by a killed compare is removed; ``out`` must be empty unless
-    ``overwrite``. On the way out the staging folder goes, and ``out`` too if this call
-    made it and nothing was moved in.
+    ``out`` must be empty unless ``overwrite`` (a staging folder or temporary file a
+    killed compare left does not count, and is removed once that is checked). On the
+    way out the staging folder goes, and ``out`` too if this call made it and nothing
+    was moved in.
     """
     existed = os.path.isdir(out)
     _make_folder(out)
     try:
         with exclusive_lock(os.path.join(out, LOCK_NAME), out):
-            for stale in glob.glob(os.path.join(glob.escape(out), ".compare-*")):
-                shutil.rmtree(stale, ignore_errors=True)
-            remove_all_temporaries(out)
-            if [n for n in os.listdir(out) if n != LOCK_NAME] and not overwrite:
+            stale = [n for n in os.listdir(out) if _STAGE.match(n) and _only_outputs(out, n)]
+            if set(os.listdir(out)) - {LOCK_NAME, *stale} and not overwrite:
                 raise SharpscopeError(
                     f"{out} exists and is not empty: pass --overwrite or a new --out"
                 )
+            for name in stale:
+                shutil.rmtree(os.path.join(out, name))
+            for name in OUTPUTS:
+                remove_stale_temporaries(os.path.join(out, name))
             stage = tempfile.mkdtemp(prefix=".compare-", dir=out)
             try:
                 yield stage
@@ -358,6 +361,19 @@ def _staging_folder(out: str, overwrite: bool) -> Iterator[str]:
     finally:
         if not existed and os.path.isdir(out) and not os.listdir(out):
             os.rmdir(out)
+
+
+_STAGE = re.compile(r"^\.compare-[a-z0-9_]{8}$")  # tempfile.mkdtemp's names
+
+
+def _only_outputs(out: str, name: str) -> bool:
+    """Whether folder ``name`` of ``out`` holds nothing but compare's outputs (and their
+    temporary files): a staging folder of a killed compare, not someone's own."""
+    folder = os.path.join(out, name)
+    return os.path.isdir(folder) and all(
+        entry in OUTPUTS or any(entry.startswith(f".tmp-{o}-") for o in OUTPUTS)
+        for entry in os.listdir(folder)
+    )
 
 
 def _move_into_place(stage: str, out: str, inputs: Sequence[str]) -> None:

@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import os
 import signal
@@ -67,12 +68,13 @@ from torch.nn.parallel import DistributedDataParallel
 
 from . import distributed
 from .checkpoint import check_trusted_model, read_checkpoint, save_checkpoint
+from .checks import fits_annotation, is_real, is_whole
 from .data import DATASETS, LOCATION_KEYS, Dataset, augment_batch, data_spec, load_dataset
 from .devices import memory_bytes, resolve_device
 from .errors import SharpscopeError, first_line
 from .files import write_json, write_jsonl
 from .losses import LOSSES, correct_count, get_loss
-from .models import DEFAULT_MODEL, build_model, check_model_name, model_spec
+from .models import DEFAULT_MODEL, build_model, check_model_name, check_weights_fit, model_spec
 from .runfolder import TRAJECTORY, RunFolder, StopRequest, stop_on_signals
 from .sam import GSAM, SAM, bn_running_stats_frozen, parse_p, rho_from_lr
 
@@ -89,6 +91,7 @@ STEP_GAMMA = 0.2
 # checkpoints (--checkpoint-every) are not throttled.
 RESUME_MIN_INTERVAL_S = 10.0
 METRICS_MIN_INTERVAL_S = 2.0
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
 @dataclass
@@ -175,36 +178,20 @@ def config_from_dict(values: Any, source: str = "training options") -> TrainConf
         raise SharpscopeError(f"{source}: unknown training options: {', '.join(unknown)}")
     hints = typing.get_type_hints(TrainConfig)
     for name, value in values.items():
-        if not _has_type(value, hints[name]):
+        if not fits_annotation(value, hints[name]):
             raise SharpscopeError(
                 f"{source}: training option {name} = {value!r} is of a wrong type"
             )
     return TrainConfig(**values)
 
 
-def _has_type(value: Any, hint: Any) -> bool:
-    """Whether ``value`` fits the annotation ``hint`` (bool is not an int, an int is a
-    float)."""
-    kinds = typing.get_args(hint) or (hint,)
-    for kind in kinds:
-        if kind is type(None) and value is None:
-            return True
-        if kind is bool and isinstance(value, bool):
-            return True
-        if kind is int and isinstance(value, int) and not isinstance(value, bool):
-            return True
-        if kind is float and isinstance(value, int | float) and not isinstance(value, bool):
-            return True
-        if kind is str and isinstance(value, str):
-            return True
-    return False
-
-
 class NoResumePoint(SharpscopeError):
     """The run folder holds no resume point (resume.pt) to continue from."""
 
 
-def load_run_config(out: str, *, model: str | None = None, trust_code: bool = False) -> TrainConfig:
+def load_run_config(
+    out: str, *, model: str | None = None, trust_code: bool = False, quiet: bool = False
+) -> TrainConfig:
     """The configuration of the run in folder ``out``, from its resume point.
 
     First finishes what a killed process left half done in the folder (under its
@@ -215,8 +202,8 @@ def load_run_config(out: str, *, model: str | None = None, trust_code: bool = Fa
     """
     if not os.path.isdir(out):
         raise NoResumePoint(f"{out}: no resume checkpoint (resume.pt) to continue from")
-    with RunFolder(out).locked() as folder:
-        if not folder.has_resume_point():
+    with RunFolder(out, say=_silent if quiet else _print).locked() as folder:
+        if not folder.resumable():
             raise NoResumePoint(f"{out}: no resume checkpoint (resume.pt) to continue from")
         path = os.path.join(out, "resume.pt")
         saved = read_checkpoint(path)
@@ -256,11 +243,15 @@ def resolve_config(config: TrainConfig, dataset: Dataset | None = None) -> Train
     _choice("amp", c.amp, AMP_MODES)
     _choice("loss", c.loss, LOSSES)
     _choice("weight-decay-mode", c.weight_decay_mode, WEIGHT_DECAY_MODES)
-    for name in ("rho", "eta", "gsam_alpha", "gsam_rho_min", "lr", "momentum", "weight_decay"):
+    floats = ("rho", "eta", "gsam_alpha", "gsam_rho_min", "lr", "momentum", "weight_decay")
+    for name in (*floats, "label_smoothing", "grad_clip"):
         value = getattr(c, name)  # NaN and inf would only show up as a diverged run
-        if value is not None and not math.isfinite(value):
+        # Beyond float32's range the optimizer cannot even apply the value.
+        if value is not None and not abs(value) <= FLOAT32_MAX:
             option = "--" + name.replace("_", "-")
-            raise SharpscopeError(f"{option} must be a finite number, got {value}")
+            raise SharpscopeError(
+                f"{option} must be a finite number in float32's range, got {value}"
+            )
     if not c.rho >= 0:
         raise SharpscopeError(f"--rho must be >= 0, got {c.rho}")
     try:
@@ -782,7 +773,8 @@ def train(
     replaces an old run there (only its run files; they are set aside when the new run
     starts, deleted when it completes, and put back if it diverges; see
     :mod:`sharpscope.runfolder`). One process at a time works in ``out`` (a lock).
-    Bad input raises :class:`SharpscopeError` before anything is written; a fresh run
+    Bad options and damaged files raise :class:`SharpscopeError` before anything is
+    written; a fresh run
     that diverges (:class:`Diverged`) leaves no files behind and puts a replaced run
     back; any other failure keeps the run, to be resumed.
 
@@ -803,14 +795,14 @@ def train(
     c.device = str(device)
     c.amp = resolve_amp(c.amp, device)
     main = distributed.is_main_process()
-    folder = RunFolder(out)
+    folder = RunFolder(out, say=_silent if quiet else _print)
     with contextlib.ExitStack() as held:
         # Rank 0 locks the folder, reads the resume point and hands it out: the other
         # processes must not race it. (With --resume, OUT must be on a file system that
         # every node sees.)
         def open_folder() -> dict[str, Any] | None:
             held.enter_context(folder.locked())
-            mode = folder.start_mode(resume, overwrite, say=(lambda m: None) if quiet else _print)
+            mode = folder.start_mode(resume, overwrite)
             return _read_resume_point(out, c) if mode == "resume" else None
 
         saved = distributed.on_main(open_folder)
@@ -874,19 +866,33 @@ def _read_resume_point(out: str, c: TrainConfig) -> dict[str, Any]:
     return saved
 
 
+def _json_records(records: Any) -> bool:
+    """A list of metric records: JSON objects with a kind, as metrics.jsonl holds."""
+    if not isinstance(records, list) or not all(
+        isinstance(r, dict) and isinstance(r.get("kind"), str) for r in records
+    ):
+        return False
+    try:
+        json.dumps(records, allow_nan=True)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
 # The entries of a resume point's "resume" dict and what each must be.
 _RESUME_STATE = {
     "optimizer": lambda v: isinstance(v, dict) and "state" in v and "param_groups" in v,
     "scaler": lambda v: v is None or isinstance(v, dict),
-    "step": lambda v: _has_type(v, int) and v >= 0,
-    "epoch": lambda v: _has_type(v, int) and v >= 0,
-    "index": lambda v: _has_type(v, int) and v >= 0,
-    "elapsed": lambda v: _has_type(v, float) and math.isfinite(v),
+    "step": lambda v: is_whole(v, 0, 2**62),
+    "epoch": lambda v: is_whole(v, 0, 2**62),
+    "index": lambda v: is_whole(v, 0, 2**62),
+    "elapsed": lambda v: is_real(v, finite=True),
     "accumulators": lambda v: (
         isinstance(v, dict)
-        and all(_has_type(v.get(k), float) for k in ("loss", "correct", "seen", "skipped"))
+        and is_real(v.get("loss"), finite=True)
+        and all(is_whole(v.get(k), 0, 2**62) for k in ("correct", "seen", "skipped"))
     ),
-    "records": lambda v: isinstance(v, list) and all(isinstance(r, dict) for r in v),
+    "records": _json_records,
     "complete": lambda v: isinstance(v, bool),
 }
 
@@ -895,6 +901,39 @@ def _check_resume_state(path: str, state: dict[str, Any]) -> None:
     for key, ok in _RESUME_STATE.items():
         if key not in state or not ok(state[key]):
             raise SharpscopeError(f"{path}: a damaged resume point (its {key} is missing or wrong)")
+
+
+def _load_resume_state(t: _Trainer, saved: dict[str, Any], path: str) -> None:
+    """Put the weights, optimizer and scaler state of a resume point into the trainer,
+    after checking that its counters fit this run's plan and its state this model."""
+    state, plan = saved["resume"], t.plan
+    step, epoch, index = state["step"], state["epoch"], state["index"]
+    if (
+        step > plan.total_steps
+        or index > plan.steps_per_epoch
+        or (step != epoch * plan.steps_per_epoch + index)
+    ):
+        raise SharpscopeError(
+            f"{path}: a damaged resume point (step {step}, epoch {epoch}, "
+            f"batch {index} do not fit the run)"
+        )
+    check_weights_fit(t.model.state_dict(), saved["state_dict"], path)
+    try:
+        t.model.load_state_dict(saved["state_dict"])
+        t.optimizer.load_state_dict(state["optimizer"])
+        if t.scaler is not None and state.get("scaler"):
+            t.scaler.load_state_dict(state["scaler"])
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as exc:
+        raise SharpscopeError(f"{path}: a damaged resume point ({first_line(exc)})") from None
+    for p, entries in t.optimizer.state.items():
+        if not isinstance(p, torch.Tensor):  # state of a parameter the run does not have
+            raise SharpscopeError(f"{path}: a damaged resume point (optimizer state of {p!r})")
+        for value in entries.values():
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != p.shape:
+                raise SharpscopeError(
+                    f"{path}: a damaged resume point (optimizer state of shape "
+                    f"{list(value.shape)} for a parameter of shape {list(p.shape)})"
+                )
 
 
 def _run(
@@ -921,15 +960,7 @@ def _run(
         if state.get("complete"):
             say(f"{out}: the run is complete (step {state['step']}); nothing to do")
             return dict(saved.get("metrics", {}))
-        try:
-            t.model.load_state_dict(saved["state_dict"])
-            t.optimizer.load_state_dict(state["optimizer"])
-            if t.scaler is not None and state.get("scaler"):
-                t.scaler.load_state_dict(state["scaler"])
-        except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as exc:
-            raise SharpscopeError(
-                f"{out}/resume.pt: a damaged resume point ({first_line(exc)})"
-            ) from None
+        _load_resume_state(t, saved, os.path.join(out, "resume.pt"))
         step, epoch, index = state["step"], state["epoch"], state["index"]
         elapsed = float(state["elapsed"])
         acc = _EpochTotals(t.device, state["accumulators"])
@@ -1174,6 +1205,10 @@ def _summary(r: dict[str, Any], epochs: int) -> str:
 
 def _isatty() -> bool:
     return sys.stderr.isatty()
+
+
+def _silent(msg: str) -> None:
+    pass
 
 
 def _print(msg: str) -> None:

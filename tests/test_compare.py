@@ -18,6 +18,7 @@ from sharpscope.data import data_spec, load_dataset
 from sharpscope.errors import SharpscopeError
 from sharpscope.landscape import Surface
 from sharpscope.models import build_model, model_spec
+from tests.cli_utils import exit2
 
 
 def tiny_checkpoint(path, seed: int, width: int = 3) -> str:
@@ -191,6 +192,25 @@ def test_compare_never_writes_over_its_inputs_by_any_path(checkpoints, tmp_path,
         assert "is where compare writes" in err and err.count("\n") == 1
     assert {p: p.read_bytes() for p in inputs} == before
     assert sorted(os.listdir(out)) == sorted(names)
+
+
+def test_compare_refuses_a_folder_of_other_files_before_touching_any(checkpoints, tmp_path, capsys):
+    out = tmp_path / "out"
+    (out / ".compare-mine").mkdir(parents=True)
+    (out / ".compare-mine" / "data.txt").write_text("mine")
+    (out / ".tmp-other").write_text("mine too")
+    stale = out / ".compare-abcd1234"  # a killed compare's staging folder: ours
+    stale.mkdir()
+    (stale / "1d_a.npz").write_bytes(b"half")
+    argv = ["compare", *checkpoints, "--out", str(out), "--quick", "--no-measure", "--quiet"]
+    assert "not empty" in exit2(argv, capsys)
+    assert (out / ".compare-mine" / "data.txt").read_text() == "mine"
+    assert (out / ".tmp-other").read_text() == "mine too" and stale.exists()
+    (out / ".compare-mine" / "data.txt").unlink()
+    (out / ".compare-mine").rmdir()
+    (out / ".tmp-other").unlink()
+    assert main(argv) == 0  # only the killed compare's leftovers: not in the way
+    assert not stale.exists()
 
 
 def test_compare_takes_one_process_at_a_time(checkpoints, tmp_path):

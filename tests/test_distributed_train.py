@@ -22,6 +22,7 @@ from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_
 from torch.nn.parallel import DistributedDataParallel
 
 from sharpscope.checkpoint import read_checkpoint
+from sharpscope.cli import main
 from sharpscope.data import data_spec, load_dataset
 from sharpscope.errors import SharpscopeError
 from sharpscope.runfolder import RunFolder
@@ -477,3 +478,29 @@ def test_torchrun_command_line_run_equals_the_one_process_run(tmp_path):
     bad = _torchrun([*TORCHRUN, "--m-sharpness", "3", "--out", str(tmp_path / "bad")])
     assert bad.returncode != 0 and not (tmp_path / "bad").exists()
     assert bad.stderr.count("sharpscope train: error: --m 3 under 2 processes") == 1
+
+
+def test_torchrun_resume_of_the_same_command_line_reads_the_folder_on_rank_0(tmp_path):
+    # A resume point large enough (about 70 MB) that two ranks opening the folder at once
+    # would find its lock taken.
+    big = ["--data", "synthetic", "--train-subset", "64", "--model", "mlp", "--width", "3000"]
+    big += ["--depth", "2", "--batch-size", "16", "--epochs", "2", "--quiet"]
+    out = tmp_path / "run"
+    step = _Trainer.step
+
+    def interrupted(self, x, y, i):
+        if i == 5:
+            raise KeyboardInterrupt
+        return step(self, x, y, i)
+
+    _Trainer.step = interrupted
+    try:
+        assert main(["train", *big, "--checkpoint-every", "2", "--out", str(out)]) == 130
+    finally:
+        _Trainer.step = step
+    assert read_checkpoint(out / "resume.pt")["resume"]["step"] == 4
+    for _ in range(2):  # again once complete: nothing to do
+        done = _torchrun([*big, "--checkpoint-every", "2", "--out", str(out), "--resume"])
+        assert done.returncode == 0, done.stderr
+        assert "in use" not in done.stderr
+    assert read_checkpoint(out / "resume.pt")["resume"]["complete"]

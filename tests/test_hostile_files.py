@@ -479,8 +479,8 @@ def _api_load_checkpoint(files, ckpt, run, tmp):
     load_checkpoint(ckpt)
 
 
-def _api_load_checkpoint_untrusted(files, ckpt, run, tmp):
-    load_checkpoint(ckpt, trust_code=False)
+def _api_load_checkpoint_naming_another_factory(files, ckpt, run, tmp):
+    load_checkpoint(ckpt, model=BENIGN)  # trusts benign, not what the file names
 
 
 def _api_load_model_and_data(files, ckpt, run, tmp):
@@ -518,7 +518,7 @@ def _api_train_resume(files, ckpt, run, tmp):
 
 API_ENTRIES = {
     "load_checkpoint": _api_load_checkpoint,
-    "load_checkpoint_untrusted": _api_load_checkpoint_untrusted,
+    "load_checkpoint_naming_another_factory": _api_load_checkpoint_naming_another_factory,
     "load_model_and_data": _api_load_model_and_data,
     "measure_checkpoint": _api_measure_checkpoint,
     "landscape_1d": _api_landscape_1d,

@@ -5,6 +5,7 @@ before the refusal."""
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import numpy as np
@@ -112,6 +113,15 @@ RESUME_POINTS = {
     "records a dict": ("resume", "records", {"a": 1}),
     "accumulators missing": ("resume", "accumulators", DELETE),
     "config a list": ("config", None, [1]),
+    "a record holding a tensor": ("resume", "records", [{"kind": "epoch", "x": torch.zeros(1)}]),
+    "a record without a kind": ("resume", "records", [{}]),
+    "seen infinite": ("resume", "accumulators", {"loss": 0.0, "correct": 0, "seen": math.inf}),
+    "correct of 1e30": ("resume", "accumulators", {"loss": 0.0, "correct": 1e30, "seen": 0}),
+    "a batch beyond the epoch": ("resume", "index", 10**6),
+    "a step beyond the run": ("resume", "step", 10**6),
+    "momentum of the wrong shape": ("optimizer", "state", {0: {"momentum_buffer": torch.zeros(3)}}),
+    "state of a parameter the model lacks": ("optimizer", "state", {999: {}}),
+    "complex weights": ("state_dict", "1.weight", torch.zeros(8, 16, dtype=torch.complex64)),
 }
 
 
@@ -119,7 +129,13 @@ RESUME_POINTS = {
 def test_a_damaged_resume_point_is_one_line_and_left_as_it_was(run, tmp_path, capsys, case):
     entry, key, value = RESUME_POINTS[case]
     saved = read_checkpoint(run / "resume.pt")
-    if key is None:
+    saved["resume"] = {**saved["resume"], "complete": False}  # a run to continue
+    if entry == "optimizer":  # inside the resume state
+        saved["resume"] = {**saved["resume"], "optimizer": dict(saved["resume"]["optimizer"])}
+        saved["resume"]["optimizer"][key] = value
+    elif entry == "resume" and key == "accumulators" and value is not DELETE:
+        saved["resume"] = {**saved["resume"], "accumulators": {"skipped": 0, **value}}
+    elif key is None:
         saved[entry] = value
     else:
         saved[entry] = dict(saved[entry])
@@ -146,6 +162,10 @@ def test_a_damaged_resume_point_is_one_line_and_left_as_it_was(run, tmp_path, ca
         (["train", *TINY[:4], "--model", ":"], "unknown model"),
         (["train", *TINY[:4], "--model", "os:"], "unknown model"),
         (["train", *TINY, "--out", ""], "--out is empty"),
+        (["train", *TINY, "--lr", "1e39"], "--lr must be a finite number"),
+        (["train", *TINY, "--weight-decay", "1e308"], "--weight-decay must be a finite number"),
+        (["train", *TINY[:4], "--model", "os:getcwd"], "did not return a torch.nn.Module"),
+        (["train", *TINY, "--depth", "100000"], "at most 1000"),
     ],
 )
 def test_impossible_training_options(tmp_path, capsys, argv, message):
@@ -245,3 +265,46 @@ def test_an_npz_whose_arrays_would_not_fit_is_refused_from_its_headers(tmp_path,
     monkeypatch.setattr(landscape, "MAX_SURFACE_BYTES", 8000)  # 16,000 bytes of arrays
     with pytest.raises(SharpscopeError, match="would take"):
         load_surface(path)
+
+
+def test_a_2d_surface_with_one_point_on_an_axis_is_refused_by_plot(run, tmp_path, capsys):
+    path = tmp_path / "thin.npz"
+    argv = ["landscape", str(run / "checkpoint.pt"), "--out", str(path), "--dim", "2"]
+    assert main([*argv, "--points", "1", "2", "--samples", "16", "--quiet"]) == 0
+    assert "at least 2 points" in exit2(
+        ["plot", str(path), "--out", str(tmp_path / "f.png")], capsys
+    )
+
+
+def test_an_npz_member_numpy_would_read_instead_of_its_npy_counts(surface, tmp_path, monkeypatch):
+    import zipfile
+
+    import sharpscope.landscape as landscape
+
+    path = tmp_path / "two_losses.npz"
+    np.savez(path, **surface)
+    big = tmp_path / "big.npy"
+    np.save(big, np.zeros(10_000))
+    with zipfile.ZipFile(path, "a") as archive:  # a plain "loss": numpy reads it for "loss"
+        archive.write(big, "loss")
+    monkeypatch.setattr(landscape, "MAX_SURFACE_BYTES", 40_000)  # below the 80,000 bytes
+    with pytest.raises(SharpscopeError, match="would take"):
+        load_surface(path)
+
+
+def test_a_checkpoint_with_a_compressed_record_is_refused_before_it_inflates(run, tmp_path):
+    import zipfile
+
+    source = zipfile.ZipFile(run / "checkpoint.pt")
+    path = tmp_path / "inflating.pt"
+    with source, zipfile.ZipFile(path, "w") as archive:
+        for info in source.infolist():
+            archive.writestr(info.filename, source.read(info), compress_type=zipfile.ZIP_DEFLATED)
+    with pytest.raises(SharpscopeError, match="compressed"):
+        read_checkpoint(path)
+
+
+def test_a_model_deeper_than_any_is_refused_before_it_is_built(run, tmp_path, capsys):
+    deep = {"name": "mlp", "kwargs": {"input_shape": [16], "num_classes": 4, "depth": 10**5}}
+    path = _variant(run, tmp_path, {"model": deep})
+    assert "at most 1000" in exit2([*MEASURE, path], capsys)

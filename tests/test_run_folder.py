@@ -126,10 +126,10 @@ def test_a_kill_at_any_move_of_an_overwrite_loses_nothing(old_run, tmp_path, cap
     _copy(files, out)
     argv = ["train", *DIVERGING, "--out", str(out), "--overwrite"]
     assert _killed(argv, "sharpscope.runfolder", kill_at) == -signal.SIGKILL
-    # What a requeue or a user would type next: neither may lose the old run.
-    if kill_at < 8:  # killed in the set-aside: the old run is still the run of OUT
-        assert main(["train", "--out", str(out), "--resume", "--quiet"]) == 0
-        assert _files(out) == files
+    # What a user would type next: neither may lose the old run. --resume continues what
+    # the folder holds: the old run (put back if the replacement never got anywhere).
+    assert main(["train", "--out", str(out), "--resume", "--quiet"]) == 0
+    assert _files(out) == files
     # The killed command again: the replacement diverges, and the old run comes back.
     assert main(argv) == 2
     assert "diverged" in capsys.readouterr().err
@@ -317,3 +317,54 @@ def test_two_processes_on_one_landscape(old_run, tmp_path, capsys):
         first.send_signal(signal.SIGKILL)
         first.wait()
     assert not out.exists()
+
+
+def test_an_overwrite_of_an_unfinished_replacement_keeps_both_older_runs(
+    old_run, new_reference, tmp_path, capsys
+):
+    # A finished; B replacing it, killed after a resume point; C replacing B.
+    out = tmp_path / "run"
+    _copy(old_run[1], out)
+    replacing = ["train", *NEW, "--checkpoint-every", "3", "--out", str(out)]
+    assert _killed([*replacing, "--overwrite"], "sharpscope.files", 6) == -signal.SIGKILL
+    b = {k: v for k, v in _files(out).items() if not k.startswith(".")}
+    assert 0 < read_checkpoint(out / "resume.pt")["resume"]["step"] < 8
+    # C diverges: B comes back as it was, with A still set aside for it.
+    assert main(["train", *DIVERGING, "--out", str(out), "--overwrite"]) == 2
+    assert "diverged" in capsys.readouterr().err
+    assert {k: v for k, v in _files(out).items() if not k.startswith(".")} == b
+    a = {k[len(".replaced-run/") :]: v for k, v in _files(out).items() if k.startswith(".")}
+    assert a == {k: v for k, v in old_run[1].items() if k != "notes.txt"}  # A's run files
+    # B completes with its own command line; only then does A go.
+    assert main([*replacing, "--resume"]) == 0
+    _same_weights(out / "checkpoint.pt", new_reference)
+    assert not (out / ".replaced-run").exists() and (out / "notes.txt").read_text() == "mine"
+
+
+def test_a_folder_of_someone_elses_files_is_never_touched(tmp_path, capsys):
+    folder = tmp_path / "model"  # e.g. a Hugging Face model folder
+    folder.mkdir()
+    (folder / "config.json").write_text('{"hidden_size": 768}')
+    (folder / "pytorch_model.bin").write_bytes(b"weights")
+    (folder / ".tmp-editor-swap").write_text("unsaved")
+    before = _files(folder)
+    for flags in ([], ["--overwrite"], ["--resume"]):
+        assert "not a sharpscope run folder" in exit2(
+            ["train", *NEW, "--out", str(folder), *flags], capsys
+        )
+        assert _files(folder) == before
+
+
+def test_signals_during_a_move_are_delivered_after_it():
+    from sharpscope.runfolder import signals_held
+
+    received = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
+    try:
+        with signals_held():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.01)
+            assert received == []  # held while the files move
+        assert received == [signal.SIGTERM]  # and delivered once they have
+    finally:
+        signal.signal(signal.SIGTERM, previous)

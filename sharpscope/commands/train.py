@@ -9,6 +9,7 @@ import os
 from typing import Any
 
 from .. import distributed
+from ..devices import resolve_device
 from ..errors import SharpscopeError
 from ..losses import LOSSES
 from ..train import (
@@ -285,7 +286,7 @@ def resume_config(out: str, args: argparse.Namespace) -> TrainConfig:
     given = {k: v for k, v in given_options(args._parser, args._argv).items() if k in names}
     try:
         # A model factory the file names is imported only if the command line names it.
-        saved = load_run_config(out, model=given.get("model"))
+        saved = load_run_config(out, model=given.get("model"), quiet=args.quiet)
     except NoResumePoint:
         return config_from_args(args)
     location = {name: getattr(args, name) for name in LOCATION_FIELDS}
@@ -297,7 +298,13 @@ def run(args: argparse.Namespace) -> int:
         raise SharpscopeError("--out is empty: give a folder")
     out = args.out or _default_out(args)
     try:
-        config = resume_config(out, args) if args.resume else config_from_args(args)
+        if args.resume:
+            # Rank 0 alone opens the run folder (its lock) and hands the configuration out.
+            if distributed.launched_by_torchrun():
+                distributed.init_from_environment(resolve_device(args.device))
+            config = distributed.on_main(lambda: resume_config(out, args))
+        else:
+            config = config_from_args(args)
         train(config, out, resume=args.resume, overwrite=args.overwrite, quiet=args.quiet)
     except SharpscopeError:
         if int(os.environ.get("RANK", "0")) != 0:
