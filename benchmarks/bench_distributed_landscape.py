@@ -25,7 +25,7 @@ import time
 import numpy as np
 
 from sharpscope import TrainConfig, train
-from sharpscope.landscape import load_surface
+from sharpscope.surface import load_surface
 
 
 def free_port() -> int:

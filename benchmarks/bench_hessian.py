@@ -5,7 +5,7 @@ for a few epochs, or the model of --checkpoint) and 1024 training examples as on
 it prints:
   - HVP time / gradient time, for a product from scratch (forward, backward with
     create_graph, backward: Objective.hvp) and from a gradient graph built once
-    (hvp_operator, cache_graph=True; what PyHessian does for one batch); about 2 is
+    (Objective.hvp_operator, cache_graph=True; what PyHessian does for one batch); about 2 is
     the floor for the former,
   - a tight ARPACK run (scipy eigsh, tol 1e-10) as the reference top-5,
   - products, wall time and max relative error of the top-5 for: sharpscope's Lanczos
@@ -31,7 +31,7 @@ import torch
 from scipy.sparse.linalg import LinearOperator, eigsh
 
 from sharpscope import TrainConfig, load_checkpoint, load_dataset, train
-from sharpscope.hessian import hessian_eigenvalues, hvp_operator
+from sharpscope.hessian import hessian_eigenvalues
 from sharpscope.objective import Objective
 
 ACCURACY = 1e-4  # the relative accuracy of the measurements
@@ -68,7 +68,7 @@ def trained_model(args: argparse.Namespace) -> tuple[torch.nn.Module, dict[str, 
 
 def arpack(obj: Objective, k: int, tol: float) -> tuple[np.ndarray, int]:
     """Top-k by scipy eigsh on the cached-graph HVP; (eigenvalues largest first, HVPs)."""
-    matvec = hvp_operator(obj, cache_graph=True)
+    matvec = obj.hvp_operator(cache_graph=True)
     start = obj.hvp_count
 
     def apply(u: np.ndarray) -> np.ndarray:
@@ -103,7 +103,7 @@ def main() -> None:
     )
 
     v = torch.randn(obj.numel, generator=torch.Generator().manual_seed(0)).to(obj.w0)
-    cached = hvp_operator(obj, cache_graph=True)
+    cached = obj.hvp_operator(cache_graph=True)
     obj.grad(), obj.hvp(v), cached(v)  # warm up
     _, t_grad = best_time(obj.grad, 5 * args.repeat)
     _, t_hvp = best_time(lambda: obj.hvp(v), 5 * args.repeat)

@@ -18,7 +18,8 @@ import time
 import torch
 
 from sharpscope import build_model, load_dataset, model_spec
-from sharpscope.landscape import grid_coordinates, random_direction, surface_2d
+from sharpscope.directions import random_direction
+from sharpscope.grid import grid_coordinates, surface_2d
 from sharpscope.objective import Objective
 
 

@@ -6,18 +6,11 @@ loss landscapes, all as functions of one objective L(w) (see docs/design.md).
 
 from .checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from .data import Dataset, load_dataset
+from .directions import random_direction
 from .errors import SharpscopeError
+from .grid import interpolation, surface_1d, surface_2d
 from .hessian import hessian_density, hessian_eigenvalues, hessian_trace
-from .landscape import (
-    Surface,
-    interpolation,
-    interpolation_for_checkpoints,
-    landscape_for_checkpoint,
-    load_surface,
-    random_direction,
-    surface_1d,
-    surface_2d,
-)
+from .landscape import interpolation_for_checkpoints, landscape_for_checkpoint
 from .measure import format_table, measure, measure_checkpoint
 from .models import build_model, model_spec
 from .objective import Objective
@@ -25,6 +18,7 @@ from .plots import plot_1d, plot_2d
 from .report import compare_checkpoints, demo
 from .sam import GSAM, SAM, bn_running_stats_frozen, rho_from_lr
 from .sharpness import average_sharpness, sharpness
+from .surface import Surface, load_surface
 from .train import TrainConfig, train
 
 __version__ = "0.1.0"

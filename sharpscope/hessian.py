@@ -26,7 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .errors import SharpscopeError
-from .objective import Objective, exact_float32, make_objective
+from .objective import Objective, make_objective
 
 MatVec = Callable[[torch.Tensor], torch.Tensor]
 METHODS = ("lanczos", "power", "pyhessian")
@@ -478,51 +478,6 @@ def _objective(
     )
 
 
-def hvp_operator(obj: Objective, cache_graph: bool | None = None) -> MatVec:
-    """v -> H v for ``obj`` (same numbers as :meth:`Objective.hvp`, counted in its
-    ``hvp_count``), optionally from a gradient graph built once.
-
-    With ``cache_graph`` the graph of grad L(w) (create_graph=True) is built once per
-    batch and kept, so each product is one backward pass through it instead of a
-    forward, a backward and that pass: the trick PyHessian uses for a single batch.
-    Memory: every batch's graph stays alive while the operator does, so the default
-    (None) caches only when the objective is one batch and not distributed. Products
-    work inside a caller's ``torch.no_grad()`` too.
-    """
-    if cache_graph is None:
-        cache_graph = len(obj.batches) == 1 and not obj.distributed
-    if not cache_graph:
-
-        def fresh(v: torch.Tensor) -> torch.Tensor:
-            with torch.enable_grad():
-                return obj.hvp(v)
-
-        return fresh
-    if obj.distributed:
-        raise SharpscopeError("cache_graph does not work on a distributed objective")
-    w = obj.w0.detach().requires_grad_(True)
-    grads = []
-    with exact_float32(), torch.enable_grad():
-        for x, y in obj.batches:
-            loss = obj.loss_fn(obj.forward(w, x), y) * (len(y) / obj.n_examples)
-            (g,) = torch.autograd.grad(loss, w, create_graph=True)
-            grads.append(g)
-
-    def matvec(v: torch.Tensor) -> torch.Tensor:
-        if v.shape != (obj.numel,):
-            raise ValueError(f"v must have shape ({obj.numel},), got {tuple(v.shape)}")
-        v = v.to(device=obj.device, dtype=obj.dtype)
-        out = torch.zeros(obj.numel, dtype=obj.accumulate_dtype, device=obj.device)
-        with exact_float32(), torch.enable_grad():
-            for g in grads:
-                (hv,) = torch.autograd.grad(g, w, grad_outputs=v, retain_graph=True)
-                out += hv.to(obj.accumulate_dtype)
-        obj.hvp_count += 1
-        return out
-
-    return matvec
-
-
 def hessian_eigenvalues(
     model: nn.Module | Objective,
     data: Any = None,
@@ -562,7 +517,7 @@ def hessian_eigenvalues(
         seed: seeds the start vectors (a local generator; global RNG untouched).
         return_eigenvectors: keep the eigenvectors, (k, n), in the result.
         cache_graph: build the gradient graph once and reuse it for every product
-            (see :func:`hvp_operator`); default: when the data is one batch.
+            (see :meth:`Objective.hvp_operator`); default: when the data is one batch.
 
     The default tol 1e-4 is the accuracy the measurements aim at. ``converged`` is False (and a
     warning raised) when ``max_iter`` ran out before every pair met tol.
@@ -584,7 +539,7 @@ def hessian_eigenvalues(
         if which != "largest":
             raise SharpscopeError("PyHessian computes the largest eigenvalues only")
         values, vectors, hvps, ok = _pyhessian_eigenvalues(obj, k, tol, max_iter or 100, seed)
-        matvec = hvp_operator(obj, cache_graph)
+        matvec = obj.hvp_operator(cache_graph)
         residuals = torch.tensor(
             [
                 torch.linalg.vector_norm(matvec(v) - lam * v).item()
@@ -597,7 +552,7 @@ def hessian_eigenvalues(
         solver = lanczos if method == "lanczos" else power_iteration
         kwargs = {"max_iter": max_iter} if max_iter is not None else {}
         result = solver(
-            hvp_operator(obj, cache_graph),
+            obj.hvp_operator(cache_graph),
             obj.numel,
             k,
             which=which,
@@ -757,7 +712,7 @@ def hessian_trace(
         raise SharpscopeError(f"the trace needs at least 2 probes, got {samples}")
     obj = _objective(model, data, loss_fn, param_filter, batch_size, device)
     obj.check_finite()
-    matvec = hvp_operator(obj, cache_graph)
+    matvec = obj.hvp_operator(cache_graph)
     start = obj.hvp_count
     g = torch.Generator().manual_seed(seed)
     values = np.empty(samples)
@@ -817,7 +772,7 @@ def hessian_density(
     obj.check_finite()
     start = obj.hvp_count
     nodes, weights = stochastic_lanczos_quadrature(
-        hvp_operator(obj, cache_graph),
+        obj.hvp_operator(cache_graph),
         obj.numel,
         runs=runs,
         steps=steps,

@@ -225,8 +225,14 @@ class Objective:
         with eval_mode(self.model):
             return functional_call(self.model, self.state(w, buffers), (inputs,))
 
-    def _weights(self, y: torch.Tensor) -> float:
-        return len(y) / self.n_examples
+    def _terms(
+        self, w: torch.Tensor | None, buffers: dict[str, torch.Tensor] | None = None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """(outputs, targets, loss weighted by the batch's share of the examples) for
+        every batch at ``w``: the terms whose sum over batches (and ranks) is L(w)."""
+        for x, y in self.batches:
+            out = self.forward(w, x, buffers)
+            yield out, y, self.loss_fn(out, y) * (len(y) / self.n_examples)
 
     def value(self, w: torch.Tensor | None = None) -> float:
         """L(w) as a Python float."""
@@ -240,12 +246,44 @@ class Objective:
         total = torch.zeros((), dtype=self.accumulate_dtype, device=self.device)
         correct = torch.zeros((), dtype=torch.int64, device=self.device)
         with torch.no_grad(), exact_float32():
-            for x, y in self.batches:
-                out = self.forward(w, x, buffers)
-                total += self.loss_fn(out, y).to(self.accumulate_dtype) * self._weights(y)
+            for out, y, loss in self._terms(w, buffers):
+                total += loss.to(self.accumulate_dtype)
                 correct += correct_count(out, y)
         total, correct = self._sum(total), self._sum(correct)
         return {"loss": total.item(), "accuracy": correct.item() / self.n_examples}
+
+    def evaluate_many(
+        self,
+        weights: torch.Tensor,
+        buffers: dict[str, torch.Tensor] | None = None,
+        chunk: int = 16,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Loss and accuracy at every row of ``weights`` (P, numel), ``chunk`` rows per
+        forward pass with ``torch.func.vmap``: two float64 CPU tensors (P,). The same
+        numbers as :meth:`evaluate` row by row (up to summation order); raises whatever
+        vmap raises for a model it cannot batch."""
+        fixed = self.state(self.w0, buffers)
+        for name in self.layout.names:
+            del fixed[name]
+
+        def one(w: torch.Tensor, x: torch.Tensor, y: torch.Tensor):
+            out = functional_call(self.model, {**fixed, **self.layout.unflatten(w)}, (x,))
+            return self.loss_fn(out, y), correct_count(out, y)
+
+        run = torch.func.vmap(one, in_dims=(0, None, None))
+        losses, accuracies = [], []
+        with torch.no_grad(), exact_float32(), eval_mode(self.model):
+            for start in range(0, len(weights), chunk):
+                W = weights[start : start + chunk]
+                total = torch.zeros(len(W), dtype=self.accumulate_dtype, device=self.device)
+                correct = torch.zeros(len(W), dtype=torch.int64, device=self.device)
+                for x, y in self.batches:
+                    loss, hits = run(W, x, y)
+                    total += loss.to(total.dtype) * (len(y) / self.n_examples)
+                    correct += hits
+                losses.append(self._sum(total).double().cpu())
+                accuracies.append(self._sum(correct).cpu().double() / self.n_examples)
+        return torch.cat(losses), torch.cat(accuracies)
 
     def value_and_grad(self, w: torch.Tensor | None = None) -> tuple[float, torch.Tensor]:
         """(L(w), grad L(w)); the gradient is a flat vector in ``accumulate_dtype``."""
@@ -253,8 +291,7 @@ class Objective:
         total = torch.zeros((), dtype=self.accumulate_dtype, device=self.device)
         grad = torch.zeros(self.numel, dtype=self.accumulate_dtype, device=self.device)
         with exact_float32(), torch.enable_grad():  # works inside a caller's no_grad
-            for x, y in self.batches:
-                loss = self.loss_fn(self.forward(w, x), y) * self._weights(y)
+            for _, _, loss in self._terms(w):
                 (g,) = torch.autograd.grad(loss, w)
                 total += loss.detach().to(self.accumulate_dtype)
                 grad += g.to(self.accumulate_dtype)
@@ -272,19 +309,58 @@ class Objective:
         ``backward(create_graph=True)``, which leaks through a reference cycle
         (PyHessian issues 25 and 28). ``v`` has shape (numel,).
         """
-        if v.shape != (self.numel,):
-            raise ValueError(f"v must have shape ({self.numel},), got {tuple(v.shape)}")
+        v = self._vector(v)
         w = (self.w0 if w is None else w).detach().requires_grad_(True)
-        v = v.to(device=self.device, dtype=self.dtype)
         out = torch.zeros(self.numel, dtype=self.accumulate_dtype, device=self.device)
         with exact_float32(), torch.enable_grad():
-            for x, y in self.batches:
-                loss = self.loss_fn(self.forward(w, x), y) * self._weights(y)
+            for _, _, loss in self._terms(w):
                 (g,) = torch.autograd.grad(loss, w, create_graph=True)
                 (hv,) = torch.autograd.grad(g, w, grad_outputs=v)
                 out += hv.to(self.accumulate_dtype)
         self.hvp_count += 1
         return self._sum(out)
+
+    def hvp_operator(
+        self, cache_graph: bool | None = None
+    ) -> Callable[[torch.Tensor], torch.Tensor]:
+        """v -> H v at :attr:`w0` (the numbers of :meth:`hvp`, counted in
+        ``hvp_count``), optionally from a gradient graph built once.
+
+        With ``cache_graph`` the graph of grad L(w) (create_graph=True) is built once per
+        batch and kept, so each product is one backward pass through it instead of a
+        forward, a backward and that pass: the trick PyHessian uses for a single batch.
+        Memory: every batch's graph stays alive while the operator does, so the default
+        (None) caches only when the objective is one batch and not distributed. Products
+        work inside a caller's ``torch.no_grad()`` too.
+        """
+        if cache_graph is None:
+            cache_graph = len(self.batches) == 1 and not self.distributed
+        if not cache_graph:
+            return self.hvp
+        if self.distributed:
+            raise SharpscopeError("cache_graph does not work on a distributed objective")
+        w = self.w0.detach().requires_grad_(True)
+        with exact_float32(), torch.enable_grad():
+            grads = [
+                torch.autograd.grad(loss, w, create_graph=True)[0] for *_, loss in self._terms(w)
+            ]
+
+        def matvec(v: torch.Tensor) -> torch.Tensor:
+            v = self._vector(v)
+            out = torch.zeros(self.numel, dtype=self.accumulate_dtype, device=self.device)
+            with exact_float32(), torch.enable_grad():
+                for g in grads:
+                    (hv,) = torch.autograd.grad(g, w, grad_outputs=v, retain_graph=True)
+                    out += hv.to(self.accumulate_dtype)
+            self.hvp_count += 1
+            return out
+
+        return matvec
+
+    def _vector(self, v: torch.Tensor) -> torch.Tensor:
+        if v.shape != (self.numel,):
+            raise ValueError(f"v must have shape ({self.numel},), got {tuple(v.shape)}")
+        return v.to(device=self.device, dtype=self.dtype)
 
     def _sum(self, t: torch.Tensor) -> torch.Tensor:
         """``t`` summed over the ranks (itself when not distributed)."""

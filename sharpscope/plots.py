@@ -1,6 +1,6 @@
 """Paper-quality figures of loss landscapes (matplotlib, Agg backend).
 
-Reads the surfaces :mod:`sharpscope.landscape` saves (``Surface``: ``kind`` "1d", "2d"
+Reads the surfaces :mod:`sharpscope.surface` holds (``Surface``: ``kind`` "1d", "2d"
 or "interpolation"; ``coords_a`` (nx,), ``coords_b`` (ny,) for 2-D; ``loss`` and
 ``accuracy`` (nx,) or (ny, nx) with rows = ``coords_b`` (direction 2) and columns =
 ``coords_a`` (direction 1); NaN = not computed; ``settings`` a dict; optional

@@ -45,12 +45,12 @@ from .landscape import (
     DEFAULT_POINTS,
     DEFAULT_RANGE,
     INTERPOLATION_RANGE,
-    Surface,
     interpolation_for_checkpoints,
     landscape_for_checkpoint,
 )
 from .measure import format_table, measure_checkpoint
 from .plots import plot_1d, plot_2d, shared_color_scale
+from .surface import Surface
 
 # Defaults, each with its source.
 DEFAULT_SAMPLES = 1024  # measure's evaluation set: 1024 fixed examples (or all if fewer)

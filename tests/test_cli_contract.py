@@ -123,21 +123,22 @@ def test_unknown_arguments_are_named_by_their_command(capsys):
 
 
 def test_a_grid_whose_final_write_fails_keeps_its_points(run, tmp_path, capsys, monkeypatch):
-    from sharpscope import landscape
+    from sharpscope.grid import PointEvaluator
+    from sharpscope.surface import Surface, load_surface
 
     out = tmp_path / "g.npz"
     argv = ["landscape", str(run / "checkpoint.pt"), "--dim", "2", "--points", "3"]
     argv += ["--samples", "16", "--out", str(out)]
-    save = landscape.Surface.save
+    save = Surface.save
 
     def full_disk(self, path):
         raise OSError(28, "No space left on device", str(path))
 
-    monkeypatch.setattr(landscape.Surface, "save", full_disk)
+    monkeypatch.setattr(Surface, "save", full_disk)
     _refused(argv, capsys, "No space left on device")
     assert not out.exists() and (tmp_path / "g.partial.npz").exists()
-    monkeypatch.setattr(landscape.Surface, "save", save)
-    monkeypatch.setattr(landscape, "evaluate_points", None)  # nothing may be recomputed
+    monkeypatch.setattr(Surface, "save", save)
+    monkeypatch.setattr(PointEvaluator, "__call__", None)  # nothing may be recomputed
     assert main([*argv, "--resume", "--quiet"]) == 0
-    assert landscape.load_surface(out).loss.shape == (3, 3)
+    assert load_surface(out).loss.shape == (3, 3)
     assert not (tmp_path / "g.partial.npz").exists()

@@ -16,8 +16,8 @@ from sharpscope.checkpoint import save_checkpoint
 from sharpscope.cli import main
 from sharpscope.data import data_spec, load_dataset
 from sharpscope.errors import SharpscopeError
-from sharpscope.landscape import Surface
 from sharpscope.models import build_model, model_spec
+from sharpscope.surface import Surface
 from tests.cli_utils import exit2
 
 

@@ -49,8 +49,8 @@ def test_sharded_objective_equals_single_process(tmp_path):
 
 
 def analyses_on_ranks(rank, world, out_dir):
+    from sharpscope.grid import grid_coordinates, surface_2d
     from sharpscope.hessian import hessian_eigenvalues, hessian_trace
-    from sharpscope.landscape import grid_coordinates, surface_2d
     from sharpscope.sharpness import sharpness
 
     model, data, v = make_problem()
@@ -67,8 +67,8 @@ def analyses_on_ranks(rank, world, out_dir):
 
 
 def test_distributed_hessian_sharpness_and_grid_equal_single_process(tmp_path):
+    from sharpscope.grid import grid_coordinates, surface_2d
     from sharpscope.hessian import hessian_eigenvalues, hessian_trace
-    from sharpscope.landscape import grid_coordinates, surface_2d
     from sharpscope.sharpness import sharpness
 
     run_distributed(analyses_on_ranks, 2, str(tmp_path))
@@ -94,8 +94,8 @@ class _Interrupt(Exception):
 
 
 def grid_split_on_ranks(rank, world, out_dir):
-    from sharpscope import landscape
-    from sharpscope.landscape import grid_coordinates, surface_2d
+    from sharpscope import grid
+    from sharpscope.grid import grid_coordinates, surface_2d
 
     model, data, v = make_problem()
     obj = Objective(model, data, batch_size=7, distributed=False)  # every rank: all examples
@@ -113,7 +113,7 @@ def grid_split_on_ranks(rank, world, out_dir):
     partial = os.path.join(out_dir, "grid.partial.npz")
     # Interrupted in the third round of SPLIT_ROUND_CHUNKS points per rank: the first two
     # rounds (4 x SPLIT_ROUND_CHUNKS points) were summed onto rank 0 and saved.
-    stop_after = 2 * landscape.SPLIT_ROUND_CHUNKS + 3
+    stop_after = 2 * grid.SPLIT_ROUND_CHUNKS + 3
     with pytest.raises(KeyboardInterrupt):
         surface_2d(obj, v, torch.roll(v, 1), coords, coords, batched=False, resume_path=partial)
     first = len(calls)
@@ -129,21 +129,21 @@ def grid_split_on_ranks(rank, world, out_dir):
 
 
 def test_grid_points_split_over_ranks_resume_and_equal_one_process_bit_for_bit(tmp_path):
-    from sharpscope import landscape
-    from sharpscope.landscape import grid_coordinates, surface_2d
+    from sharpscope import grid
+    from sharpscope.grid import grid_coordinates, surface_2d
 
     run_distributed(grid_split_on_ranks, 2, str(tmp_path))
     model, data, v = make_problem()
     obj = Objective(model, data, batch_size=7)
     coords = grid_coordinates(-1, 1, 7)
     single = surface_2d(obj, v, torch.roll(v, 1), coords, coords, batched=False)
-    saved = 2 * 2 * landscape.SPLIT_ROUND_CHUNKS  # two rounds on two ranks, kept by rank 0
+    saved = 2 * 2 * grid.SPLIT_ROUND_CHUNKS  # two rounds on two ranks, kept by rank 0
     results = [torch.load(tmp_path / f"split{r}.pt", weights_only=False) for r in range(2)]
     for r, got in enumerate(results):
         # Each point evaluated on all 25 examples by one rank: the one-process numbers.
         assert (got["loss"] == single.loss).all() and (got["accuracy"] == single.accuracy).all()
         first, second = got["calls"]
-        assert first == 2 * landscape.SPLIT_ROUND_CHUNKS + 3 + 1  # the call that raised
+        assert first == 2 * grid.SPLIT_ROUND_CHUNKS + 3 + 1  # the call that raised
         assert second == ((49 - saved) - r + 1) // 2  # only the rest, dealt out again
     assert not (tmp_path / "grid.partial.npz").exists()  # removed once the grid is done
 
@@ -151,7 +151,7 @@ def test_grid_points_split_over_ranks_resume_and_equal_one_process_bit_for_bit(t
 def test_torchrun_landscape_equals_the_one_process_landscape(tmp_path):
     from sharpscope import TrainConfig, train
     from sharpscope.cli import main
-    from sharpscope.landscape import load_surface
+    from sharpscope.surface import load_surface
 
     config = TrainConfig(data="synthetic", train_subset=64, model="mlp", width=8, depth=1)
     train(TrainConfig(**{**vars(config), "epochs": 1, "device": "cpu"}), tmp_path / "run")

@@ -13,7 +13,6 @@ from sharpscope.hessian import (
     hessian_density,
     hessian_eigenvalues,
     hessian_trace,
-    hvp_operator,
     lanczos,
     power_iteration,
     stochastic_lanczos_quadrature,
@@ -127,8 +126,8 @@ def test_cached_graph_products_equal_the_objectives(tiny_bn_cnn, tiny_image_data
     obj = Objective(tiny_bn_cnn, tiny_image_data, batch_size=6)
     v = torch.randn(obj.numel, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     with torch.no_grad():  # a caller's no_grad does not stop the products
-        cached = hvp_operator(obj, cache_graph=True)(v)
-        fresh = hvp_operator(obj, cache_graph=False)(v)
+        cached = obj.hvp_operator(cache_graph=True)(v)
+        fresh = obj.hvp_operator(cache_graph=False)(v)
     torch.testing.assert_close(cached, fresh, rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(fresh, dense(obj) @ v, rtol=1e-10, atol=1e-12)
     assert obj.hvp_count == 2

@@ -16,38 +16,46 @@ import pytest
 import torch
 from torch import nn
 
-import sharpscope.landscape as ls
+import sharpscope.grid as ls
 from sharpscope.checkpoint import save_checkpoint
 from sharpscope.cli import main
 from sharpscope.data import data_spec, load_dataset
-from sharpscope.errors import SharpscopeError
-from sharpscope.landscape import (
-    BatchNormRecalibrator,
-    Surface,
-    auto_range,
+from sharpscope.directions import (
     cosine,
-    evaluate_points,
-    grid_coordinates,
     hessian_directions,
-    interpolation,
     interpolation_direction,
-    interpolation_for_checkpoints,
-    landscape_for_checkpoint,
-    load_surface,
     normalize_direction,
     orthogonalize,
+    parameter_layout,
     random_direction,
     raw_direction,
+    trajectory_checkpoints,
+    trajectory_directions,
+)
+from sharpscope.errors import SharpscopeError
+from sharpscope.grid import (
+    AUTO_START,
+    BatchNormRecalibrator,
+    PointEvaluator,
+    auto_range,
+    evaluate_points,
+    grid_coordinates,
+    interpolation,
     surface_1d,
     surface_2d,
-    trajectory_directions,
+)
+from sharpscope.landscape import (
+    INTERPOLATION_POINTS,
+    interpolation_for_checkpoints,
+    landscape_for_checkpoint,
 )
 from sharpscope.losses import mse
 from sharpscope.models import build_model, model_spec
 from sharpscope.objective import Objective
+from sharpscope.surface import Surface, load_surface
 
 FAST = ["--samples", "32", "--quiet"]
-REAL_EVALUATE_POINTS = ls.evaluate_points  # tests wrap it to count or interrupt points
+REAL_EVALUATE = PointEvaluator.__call__  # tests wrap it to count or interrupt points
 
 
 def save(path, name="cnn", seed=0, batchnorm=False, **options):
@@ -139,7 +147,7 @@ def test_one_raw_draw_normalized_against_each_models_own_filters():
         for p in b.parameters():
             p.mul_(torch.rand(p.shape, dtype=torch.float64) * 3)
     da, db = random_direction(a, seed=7), random_direction(b, seed=7)
-    layout = ls.parameter_layout(a)
+    layout = parameter_layout(a)
     wa = layout.unflatten(layout.flatten({n: p.detach() for n, p in a.named_parameters()}))
     wb = layout.unflatten(layout.flatten({n: p.detach() for n, p in b.named_parameters()}))
     for name, shape in zip(layout.names, layout.shapes, strict=True):
@@ -150,7 +158,7 @@ def test_one_raw_draw_normalized_against_each_models_own_filters():
 
 
 def test_d1_d2_are_two_draws_of_one_seed_and_reproducible(tiny_mlp):
-    layout = ls.parameter_layout(tiny_mlp)
+    layout = parameter_layout(tiny_mlp)
     d1, d2 = raw_direction(layout, 5), raw_direction(layout, 5, index=1)
     assert torch.equal(d1, raw_direction(layout, 5)) and not torch.equal(d1, d2)
     assert not torch.equal(d1, raw_direction(layout, 6))
@@ -216,7 +224,7 @@ def test_pca_recovers_a_planar_trajectory(tiny_mlp, tiny_data, tmp_path):
     assert cosine(d2, u2) == pytest.approx(1.0, abs=1e-12)
     np.testing.assert_allclose(coords, c.numpy(), atol=1e-12)
     assert explained == pytest.approx([19 / 22, 3 / 22], abs=1e-12)
-    assert ls.trajectory_checkpoints(str(tmp_path))[-1].endswith("step_0000050.pt")
+    assert trajectory_checkpoints(str(tmp_path))[-1].endswith("step_0000050.pt")
 
 
 # -- grids and surfaces -----------------------------------------------------------------------
@@ -354,7 +362,7 @@ def test_auto_range_widens_until_the_edges_reach_ten_times_the_centre():
     centre = obj.value()
     edge = min(obj.value(obj.w0 + r * d), obj.value(obj.w0 - r * d))
     half = min(obj.value(obj.w0 + r / 2 * d), obj.value(obj.w0 - r / 2 * d))
-    assert edge >= 10 * centre and (half < 10 * centre or r == ls.AUTO_START)
+    assert edge >= 10 * centre and (half < 10 * centre or r == AUTO_START)
 
 
 # -- interpolation ----------------------------------------------------------------------------
@@ -368,7 +376,7 @@ def test_interpolation_endpoints_are_the_two_losses(tmp_path):
     assert s.loss[t.index(1.0)] == Objective(mb, data).value()
     assert s.settings["labels"] == ["a.pt", "b.pt"] and s.kind == "interpolation"
     # the default grid: 401 points on [-0.5, 1.5], t = 0 and t = 1 on it
-    ts = ls.grid_coordinates(-0.5, 1.5, ls.INTERPOLATION_POINTS)
+    ts = grid_coordinates(-0.5, 1.5, INTERPOLATION_POINTS)
     assert ts[100] == 0.0 and abs(ts[300] - 1.0) < 1e-15
 
 
@@ -445,15 +453,15 @@ def grid_problem(tiny_mlp, tiny_data):
 
 def counting(monkeypatch, stop_after=None):
     """Count the points evaluated; raise KeyboardInterrupt past ``stop_after``."""
-    real, calls = REAL_EVALUATE_POINTS, {"n": 0}
+    calls = {"n": 0}
 
-    def wrapped(objective, weights, **kw):
+    def wrapped(evaluator, weights, buffers=None):
         if stop_after is not None and calls["n"] + len(weights) > stop_after:
             raise KeyboardInterrupt
         calls["n"] += len(weights)
-        return real(objective, weights, **kw)
+        return REAL_EVALUATE(evaluator, weights, buffers)
 
-    monkeypatch.setattr(ls, "evaluate_points", wrapped)
+    monkeypatch.setattr(PointEvaluator, "__call__", wrapped)
     return calls
 
 

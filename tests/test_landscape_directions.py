@@ -6,15 +6,11 @@ import pytest
 import torch
 from torch import nn
 
+from sharpscope.directions import random_direction, trajectory_directions
 from sharpscope.errors import SharpscopeError
+from sharpscope.grid import BatchNormRecalibrator, auto_range
 from sharpscope.hessian import hessian_eigenvalues
-from sharpscope.landscape import (
-    _recalibrated_buffers,
-    auto_range,
-    landscape_for_checkpoint,
-    random_direction,
-    trajectory_directions,
-)
+from sharpscope.landscape import landscape_for_checkpoint
 from sharpscope.objective import Objective
 from sharpscope.train import TrainConfig, train
 
@@ -101,7 +97,7 @@ def test_bn_recalibration_matches_update_bn_and_leaves_the_model(tiny_bn_cnn, ti
     w = obj.w0 + 0.1 * random_direction(obj, seed=1)
     x, y = tiny_image_data
     batches = [(x[:9], y[:9]), (x[9:], y[9:])]
-    buffers = _recalibrated_buffers(obj, w, batches)
+    buffers = BatchNormRecalibrator(obj, batches)(w)
     reference = __import__("copy").deepcopy(tiny_bn_cnn)
     torch.nn.utils.vector_to_parameters(w, reference.parameters())
     torch.optim.swa_utils.update_bn([xb for xb, _ in batches], reference)

@@ -15,7 +15,8 @@ import torch
 from sharpscope.checkpoint import load_checkpoint, read_checkpoint
 from sharpscope.cli import main
 from sharpscope.errors import SharpscopeError
-from sharpscope.landscape import landscape_for_checkpoint, load_surface
+from sharpscope.landscape import landscape_for_checkpoint
+from sharpscope.surface import load_surface
 from tests.cli_utils import exit2
 
 TINY = ["--data", "synthetic", "--train-subset", "64", "--model", "mlp", "--width", "8"]
@@ -258,11 +259,11 @@ def test_a_damaged_surface_is_one_line_and_draws_nothing(surface, tmp_path, caps
 
 
 def test_an_npz_whose_arrays_would_not_fit_is_refused_from_its_headers(tmp_path, monkeypatch):
-    import sharpscope.landscape as landscape
+    import sharpscope.surface as surface_module
 
     path = tmp_path / "big.npz"
     np.savez(path, loss=np.zeros(1000), coords_a=np.zeros(1000))
-    monkeypatch.setattr(landscape, "MAX_SURFACE_BYTES", 8000)  # 16,000 bytes of arrays
+    monkeypatch.setattr(surface_module, "MAX_SURFACE_BYTES", 8000)  # 16,000 bytes of arrays
     with pytest.raises(SharpscopeError, match="would take"):
         load_surface(path)
 
@@ -279,7 +280,7 @@ def test_a_2d_surface_with_one_point_on_an_axis_is_refused_by_plot(run, tmp_path
 def test_an_npz_member_numpy_would_read_instead_of_its_npy_counts(surface, tmp_path, monkeypatch):
     import zipfile
 
-    import sharpscope.landscape as landscape
+    import sharpscope.surface as surface_module
 
     path = tmp_path / "two_losses.npz"
     np.savez(path, **surface)
@@ -287,7 +288,7 @@ def test_an_npz_member_numpy_would_read_instead_of_its_npy_counts(surface, tmp_p
     np.save(big, np.zeros(10_000))
     with zipfile.ZipFile(path, "a") as archive:  # a plain "loss": numpy reads it for "loss"
         archive.write(big, "loss")
-    monkeypatch.setattr(landscape, "MAX_SURFACE_BYTES", 40_000)  # below the 80,000 bytes
+    monkeypatch.setattr(surface_module, "MAX_SURFACE_BYTES", 40_000)  # below the 80,000 bytes
     with pytest.raises(SharpscopeError, match="would take"):
         load_surface(path)
 

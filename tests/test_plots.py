@@ -15,7 +15,7 @@ from matplotlib.contour import ContourSet
 from sharpscope import plots
 from sharpscope.cli import main
 from sharpscope.errors import SharpscopeError
-from sharpscope.landscape import Surface
+from sharpscope.surface import Surface
 
 
 def bowl(scale: float, nx: int = 9, ny: int = 7, offset: float = 0.01) -> Surface:

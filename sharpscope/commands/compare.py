@@ -7,7 +7,8 @@ import os
 import sys
 
 from ..devices import resolve_device
-from ..landscape import DEFAULT_POINTS, NORMALIZATIONS
+from ..directions import NORMALIZATIONS
+from ..landscape import DEFAULT_POINTS
 from ..report import DEFAULT_SAMPLES, DEFAULT_TRACE_SAMPLES, QUICK, compare_checkpoints
 from .common import (
     add_checkpoint_arguments,

@@ -13,20 +13,18 @@ import numpy as np
 
 from .. import distributed
 from ..devices import resolve_device
+from ..directions import DIRECTIONS
 from ..errors import SharpscopeError
 from ..files import exclusive_lock, remove_stale_temporaries
+from ..grid import DISTRIBUTE, check_grid_points
 from ..landscape import (
     DEFAULT_POINTS,
-    DIRECTIONS,
-    DISTRIBUTE,
     INTERPOLATION_POINTS,
     INTERPOLATION_RANGE,
-    Surface,
-    check_grid_points,
     interpolation_for_checkpoints,
     landscape_for_checkpoint,
-    save_partial,
 )
+from ..surface import Surface, save_partial
 from .common import (
     add_checkpoint_arguments,
     add_device_argument,

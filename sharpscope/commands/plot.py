@@ -71,7 +71,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..landscape import load_surface
+    from ..surface import load_surface
 
     check_output_path(args.out, overwrite=args.overwrite, inputs=args.files)
     remove_stale_temporaries(args.out)  # of a killed earlier write of it
