@@ -430,11 +430,21 @@ def make_objective(
 ) -> Objective:
     """An :class:`Objective` from ``(model, data)``, or ``model`` itself if it is one.
 
-    The analyzers accept either form; ``options`` are :class:`Objective`'s keywords.
+    Every analyzer gets its objective here, so one rule holds for all: ``options`` are
+    :class:`Objective`'s keywords, and None (or ``param_filter="all"``) means "not
+    given"; an Objective comes with its own data, loss and options, so giving any of
+    them besides is refused (:class:`SharpscopeError`) rather than silently ignored.
     """
     if isinstance(model, Objective):
-        if data is not None or loss_fn is not None or any(v is not None for v in options.values()):
-            raise ValueError("pass data, loss_fn and options when building the Objective, not here")
+        given = [
+            name
+            for name, value in (("data", data), ("loss_fn", loss_fn), *options.items())
+            if value is not None and not (name == "param_filter" and value == "all")
+        ]
+        if given:
+            raise SharpscopeError(
+                f"an Objective was given: set {', '.join(given)} when building it, not here"
+            )
         return model
     if data is None:
         raise SharpscopeError("no data given: pass (inputs, targets) or an iterable of batches")

@@ -200,6 +200,21 @@ def _apgd(
     return best_value, best_u
 
 
+def _objective(model, data, loss_fn, param_filter, batch_size, device, accumulate_dtype):
+    """:func:`make_objective`, summing in float64 unless told otherwise when it builds."""
+    if not isinstance(model, Objective):
+        accumulate_dtype = accumulate_dtype or torch.float64
+    return make_objective(
+        model,
+        data,
+        loss_fn,
+        param_filter=param_filter,
+        batch_size=batch_size,
+        device=device,
+        accumulate_dtype=accumulate_dtype,
+    )
+
+
 def sharpness(
     model: nn.Module | Objective,
     data: Any = None,
@@ -216,7 +231,7 @@ def sharpness(
     param_filter: str = "all",
     batch_size: int | None = None,
     device: torch.device | str | None = None,
-    accumulate_dtype: torch.dtype = torch.float64,
+    accumulate_dtype: torch.dtype | None = None,
     return_perturbation: bool = False,
     progress: bool = False,
 ) -> SharpnessResult:
@@ -226,7 +241,7 @@ def sharpness(
         model: a module with ``data`` (an (inputs, targets) pair or batches), or an
             :class:`~sharpscope.objective.Objective` (then ``data``, ``loss_fn``,
             ``param_filter``, ``batch_size``, ``device`` and ``accumulate_dtype`` are
-            the objective's own and the arguments here are not used).
+            the objective's own, and giving them here too is refused).
         rho: radius (0.05: SAM's default, Foret et al. 2021).
         norm: "l2" or "linf".
         adaptive, eta: measure eps relative to c = |w| + eta (Kwon et al. 2021;
@@ -240,8 +255,8 @@ def sharpness(
             (m-sharpness, Foret et al. 2021, Sec. 4.1). Batch i seeds its restarts with
             ``seed + i``. Under a process group the batches are shared out over the ranks.
         seed: seeds the random restarts (a local generator).
-        accumulate_dtype: dtype for summing L over batches (float64 keeps small-rho
-            differences exact; docs/algorithms.md, pitfalls).
+        accumulate_dtype: dtype for summing L over batches; default float64, which
+            keeps small-rho differences exact (docs/algorithms.md, pitfalls).
         return_perturbation: keep the best eps (shape (n_params,), the objective's flat
             layout) in the result; only without m.
 
@@ -254,17 +269,7 @@ def sharpness(
     _check(rho, norm, steps, restarts, eta)
     if m is not None and (isinstance(m, bool) or not isinstance(m, int | np.integer) or m < 1):
         raise SharpscopeError(f"m must be a positive number of examples, got {m}")
-    options = {
-        "param_filter": param_filter,
-        "batch_size": batch_size,
-        "device": device,
-        "accumulate_dtype": accumulate_dtype,
-    }
-    obj = (
-        make_objective(model)
-        if isinstance(model, Objective)
-        else make_objective(model, data, loss_fn, **options)
-    )
+    obj = _objective(model, data, loss_fn, param_filter, batch_size, device, accumulate_dtype)
     base_loss = obj.check_finite()  # every batch's loss is finite when the mean is
     groups = [obj] if m is None else _micro_batches(obj, m)
     mine = [i for i in range(len(groups)) if m is None or i % _world(obj) == _rank(obj)]
@@ -369,7 +374,7 @@ def average_sharpness(
     param_filter: str = "all",
     batch_size: int | None = None,
     device: torch.device | str | None = None,
-    accumulate_dtype: torch.dtype = torch.float64,
+    accumulate_dtype: torch.dtype | None = None,
     progress: bool = False,
 ) -> AverageSharpnessResult:
     """Average-case sharpness E[L(w + eps)] - L(w) by Monte Carlo.
@@ -393,17 +398,7 @@ def average_sharpness(
     _check(rho, norm, eta=eta)
     if samples < 2:
         raise SharpscopeError(f"average sharpness needs at least 2 samples, got {samples}")
-    options = {
-        "param_filter": param_filter,
-        "batch_size": batch_size,
-        "device": device,
-        "accumulate_dtype": accumulate_dtype,
-    }
-    obj = (
-        make_objective(model)
-        if isinstance(model, Objective)
-        else make_objective(model, data, loss_fn, **options)
-    )
+    obj = _objective(model, data, loss_fn, param_filter, batch_size, device, accumulate_dtype)
     loss = obj.check_finite()
     c = _scale(obj, adaptive, eta)
     gen = torch.Generator().manual_seed(seed)

@@ -8,15 +8,9 @@ import pytest
 import torch
 from torch.func import functional_call
 
+from sharpscope.eigensolvers import lanczos, power_iteration, stochastic_lanczos_quadrature
 from sharpscope.errors import SharpscopeError
-from sharpscope.hessian import (
-    hessian_density,
-    hessian_eigenvalues,
-    hessian_trace,
-    lanczos,
-    power_iteration,
-    stochastic_lanczos_quadrature,
-)
+from sharpscope.hessian import hessian_density, hessian_eigenvalues, hessian_trace
 from sharpscope.losses import mse
 from sharpscope.objective import Objective
 

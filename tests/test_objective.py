@@ -119,3 +119,17 @@ def test_gradients_and_hvps_work_inside_no_grad(tiny_mlp, tiny_data):
     with torch.no_grad():
         torch.testing.assert_close(obj.grad(), expected[0])
         torch.testing.assert_close(obj.hvp(v), expected[1])
+
+
+@pytest.mark.parametrize(
+    "analyzer",
+    ["sharpness", "average_sharpness", "hessian_eigenvalues", "hessian_trace", "hessian_density"],
+)
+def test_every_analyzer_refuses_options_beside_an_objective(tiny_mlp, tiny_data, analyzer):
+    import sharpscope
+
+    obj = Objective(tiny_mlp, tiny_data)
+    with pytest.raises(SharpscopeError, match="an Objective was given: set batch_size"):
+        getattr(sharpscope, analyzer)(obj, batch_size=4)
+    with pytest.raises(SharpscopeError, match="set data"):
+        getattr(sharpscope, analyzer)(obj, tiny_data)
