@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .checks import is_whole
 from .eigensolvers import (
     WHICH,
     SolverResult,
@@ -136,6 +137,24 @@ class DensityResult:
 # --------------------------------------------------------------------------- analyzers
 
 
+def check_eigenvalue_options(method: str, which: str = "largest", tol: float = 1e-4) -> None:
+    """The refusals of :func:`hessian_eigenvalues`'s options (no model needed)."""
+    if method not in METHODS:
+        raise SharpscopeError(f"unknown eigenvalue method {method!r}: choose {', '.join(METHODS)}")
+    if which not in WHICH:
+        raise SharpscopeError(f"which must be 'largest' or 'smallest', got {which!r}")
+    if not tol > 0:
+        raise SharpscopeError(f"tol must be positive, got {tol}")
+    if method == "pyhessian" and which != "largest":
+        raise SharpscopeError("PyHessian computes the largest eigenvalues only: use lanczos")
+
+
+def check_trace_samples(samples: int) -> None:
+    """Hutchinson's estimate and its standard error need two probes at least."""
+    if not is_whole(samples, 2):
+        raise SharpscopeError(f"the trace needs at least 2 probes, got {samples}")
+
+
 def hessian_eigenvalues(
     model: nn.Module | Objective,
     data: Any = None,
@@ -180,12 +199,7 @@ def hessian_eigenvalues(
     The default tol 1e-4 is the accuracy the measurements aim at. ``converged`` is False (and a
     warning raised) when ``max_iter`` ran out before every pair met tol.
     """
-    if method not in METHODS:
-        raise SharpscopeError(f"unknown eigenvalue method {method!r}: choose {', '.join(METHODS)}")
-    if which not in WHICH:
-        raise SharpscopeError(f"which must be 'largest' or 'smallest', got {which!r}")
-    if tol <= 0:
-        raise SharpscopeError(f"tol must be positive, got {tol}")
+    check_eigenvalue_options(method, which, tol)
     obj = make_objective(
         model, data, loss_fn, param_filter=param_filter, batch_size=batch_size, device=device
     )
@@ -196,8 +210,6 @@ def hessian_eigenvalues(
     obj.check_finite()
     start = obj.hvp_count
     if method == "pyhessian":
-        if which != "largest":
-            raise SharpscopeError("PyHessian computes the largest eigenvalues only")
         values, vectors, hvps, ok = _pyhessian_eigenvalues(obj, k, tol, max_iter or 100, seed)
         matvec = obj.hvp_operator(cache_graph)
         residuals = torch.tensor(
@@ -368,8 +380,7 @@ def hessian_trace(
     sqrt(samples). A fixed budget of ``samples`` products; 100 by default, PyHessian's
     cap for its ``trace`` (``maxIter=100``), without its early stop on a relative change.
     """
-    if samples < 2:
-        raise SharpscopeError(f"the trace needs at least 2 probes, got {samples}")
+    check_trace_samples(samples)
     obj = make_objective(
         model, data, loss_fn, param_filter=param_filter, batch_size=batch_size, device=device
     )

@@ -30,6 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import distributed
+from .checks import is_real, is_whole
 from .errors import SharpscopeError
 from .objective import Objective, make_objective
 
@@ -105,15 +106,31 @@ class AverageSharpnessResult:
         return dict(self.__dict__)
 
 
-def _check(rho: float, norm: str, steps: int = 1, restarts: int = 1, eta: float = 0.0) -> None:
-    if not rho > 0 or not math.isfinite(rho):
+def check_sharpness_options(
+    rho: float,
+    norm: str = "l2",
+    steps: int = 1,
+    restarts: int = 1,
+    eta: float = 0.0,
+    m: int | None = None,
+) -> None:
+    """The refusals of :func:`sharpness`'s options (no model needed)."""
+    if not is_real(rho, finite=True) or not rho > 0:
         raise SharpscopeError(f"rho must be positive, got {rho}")
-    if not eta >= 0:
+    if not is_real(eta, finite=True) or not eta >= 0:
         raise SharpscopeError(f"eta must be >= 0 (c = |w| + eta scales eps), got {eta}")
     if norm not in NORMS:
         raise SharpscopeError(f"unknown norm {norm!r}: choose l2 or linf")
-    if steps < 1 or restarts < 1:
+    if not is_whole(steps, 1) or not is_whole(restarts, 1):
         raise SharpscopeError("APGD needs steps >= 1 and restarts >= 1")
+    if m is not None and not is_whole(m, 1):
+        raise SharpscopeError(f"m must be a positive number of examples, got {m}")
+
+
+def check_average_samples(samples: int) -> None:
+    """A Monte Carlo mean and its standard error need two draws at least."""
+    if not is_whole(samples, 2):
+        raise SharpscopeError(f"average sharpness needs at least 2 samples, got {samples}")
 
 
 def _scale(obj: Objective, adaptive: bool, eta: float) -> torch.Tensor:
@@ -266,9 +283,7 @@ def sharpness(
         sharpness ||eps / c||_p <= rho bounds it instead); ``grad_count`` counts gradients
         of the whole set (with m: of single batches).
     """
-    _check(rho, norm, steps, restarts, eta)
-    if m is not None and (isinstance(m, bool) or not isinstance(m, int | np.integer) or m < 1):
-        raise SharpscopeError(f"m must be a positive number of examples, got {m}")
+    check_sharpness_options(rho, norm, steps, restarts, eta, m)
     obj = _objective(model, data, loss_fn, param_filter, batch_size, device, accumulate_dtype)
     base_loss = obj.check_finite()  # every batch's loss is finite when the mean is
     groups = [obj] if m is None else _micro_batches(obj, m)
@@ -395,9 +410,8 @@ def average_sharpness(
     standard error std / sqrt(samples). Other arguments as
     :func:`sharpness`.
     """
-    _check(rho, norm, eta=eta)
-    if samples < 2:
-        raise SharpscopeError(f"average sharpness needs at least 2 samples, got {samples}")
+    check_sharpness_options(rho, norm, eta=eta)
+    check_average_samples(samples)
     obj = _objective(model, data, loss_fn, param_filter, batch_size, device, accumulate_dtype)
     loss = obj.check_finite()
     c = _scale(obj, adaptive, eta)

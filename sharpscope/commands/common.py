@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import tempfile
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from ..data import DATASETS
 from ..errors import SharpscopeError
 from ..models import ACTIVATIONS
+from ..settings import SPLITS, EvaluationSettings
+
+S = TypeVar("S")
 
 
 def add_data_arguments(parser: argparse.ArgumentParser, default: str | None = "digits") -> None:
@@ -91,14 +95,17 @@ def loading_from_args(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def add_evaluation_arguments(parser: argparse.ArgumentParser, samples: int | None = 1024) -> None:
-    """Which examples an analysis evaluates L(w) on."""
+def add_evaluation_arguments(parser: argparse.ArgumentParser, samples: int | None = None) -> None:
+    """Which examples an analysis evaluates L(w) on (:class:`EvaluationSettings`);
+    ``samples`` replaces its default number of examples."""
+    d = EvaluationSettings()
+    samples = d.samples if samples is None else samples
     group = parser.add_argument_group("evaluation data")
     group.add_argument(
         "--split",
-        default="train",
-        choices=("train", "test"),
-        help="split to evaluate on (default: train)",
+        default=d.split,
+        choices=SPLITS,
+        help=f"split to evaluate on (default: {d.split})",
     )
     group.add_argument(
         "--samples",
@@ -108,8 +115,23 @@ def add_evaluation_arguments(parser: argparse.ArgumentParser, samples: int | Non
         help=f"number of examples, a fixed seeded subset (default: {samples}, or all if fewer)",
     )
     group.add_argument(
-        "--batch-size", type=int, default=512, help="examples per forward pass (default: 512)"
+        "--batch-size",
+        type=int,
+        default=d.batch_size,
+        help=f"examples per forward pass (default: {d.batch_size})",
     )
+
+
+def settings_from_args(kind: type[S], args: argparse.Namespace, **options: str) -> S:
+    """The ``kind`` settings the parsed options give: every field from the option of
+    its name, or of the name ``options`` maps it to (``rhos="rho"``); fields without an
+    option keep their defaults. Checked on construction, before any work."""
+    values = {}
+    for f in dataclasses.fields(kind):  # type: ignore[arg-type]
+        name = options.get(f.name, f.name)
+        if hasattr(args, name):
+            values[f.name] = getattr(args, name)
+    return kind(**values)
 
 
 def add_device_argument(parser: argparse.ArgumentParser) -> None:

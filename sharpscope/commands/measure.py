@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Any
 
 from .. import distributed
 from ..data import Dataset
@@ -14,12 +13,6 @@ from ..errors import SharpscopeError
 from ..files import remove_stale_temporaries, write_json
 from ..hessian import METHODS
 from ..measure import (
-    DEFAULT_AVERAGE_SAMPLES,
-    DEFAULT_EIG_TOL,
-    DEFAULT_RHOS,
-    DEFAULT_STEPS,
-    DEFAULT_TRACE_SAMPLES,
-    check_measure_settings,
     check_model,
     checkpoint_document,
     checkpoint_loss,
@@ -28,6 +21,7 @@ from ..measure import (
     measure,
 )
 from ..objective import PARAM_FILTERS
+from ..settings import MeasureSettings
 from ..sharpness import NORMS
 from .common import (
     add_checkpoint_arguments,
@@ -37,6 +31,7 @@ from .common import (
     check_output_path,
     loading_from_args,
     seed_type,
+    settings_from_args,
 )
 
 
@@ -50,6 +45,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "Prints one table, a column per checkpoint; --json writes every number with its "
         "settings. Under torchrun, examples are sharded over the processes.",
     )
+    d = MeasureSettings()
     p.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT")
     add_evaluation_arguments(p)
     s = p.add_argument_group("sharpness")
@@ -57,14 +53,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--rho",
         type=float,
         nargs="+",
-        default=list(DEFAULT_RHOS),
-        help="radius, one or several (default: 0.05, SAM's)",
+        default=list(d.rhos),
+        help=f"radius, one or several (default: {' '.join(map(str, d.rhos))}, SAM's)",
     )
-    s.add_argument("--norm", choices=NORMS, default="l2", help="(default: l2)")
+    s.add_argument("--norm", choices=NORMS, default=d.norm, help=f"(default: {d.norm})")
     s.add_argument(
         "--adaptive", action="store_true", help="adaptive sharpness: eps relative to |w| + eta"
     )
-    s.add_argument("--eta", type=float, default=0.0, help="adaptive offset (default: 0)")
+    s.add_argument("--eta", type=float, default=d.eta, help=f"adaptive offset (default: {d.eta})")
     s.add_argument(
         "--m",
         "--m-sharpness",
@@ -76,10 +72,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument(
         "--steps",
         type=int,
-        default=DEFAULT_STEPS,
-        help=f"APGD steps (default: {DEFAULT_STEPS}, Andriushchenko et al. 2023)",
+        default=d.steps,
+        help=f"APGD steps (default: {d.steps}, Andriushchenko et al. 2023)",
     )
-    s.add_argument("--restarts", type=int, default=1, help="APGD restarts (default: 1)")
+    s.add_argument(
+        "--restarts", type=int, default=d.restarts, help=f"APGD restarts (default: {d.restarts})"
+    )
     s.add_argument(
         "--average",
         action="store_true",
@@ -89,42 +87,42 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument(
         "--average-samples",
         type=int,
-        default=DEFAULT_AVERAGE_SAMPLES,
+        default=d.average_samples,
         metavar="N",
-        help=f"Monte Carlo draws for --average (default: {DEFAULT_AVERAGE_SAMPLES})",
+        help=f"Monte Carlo draws for --average (default: {d.average_samples})",
     )
     h = p.add_argument_group("Hessian")
     h.add_argument(
         "--eigs",
         type=int,
-        default=1,
+        default=d.eigs,
         metavar="K",
-        help="number of top eigenvalues (default: 1; 0 for none)",
+        help=f"number of top eigenvalues (default: {d.eigs}; 0 for none)",
     )
     h.add_argument("--smallest", action="store_true", help="also the K smallest eigenvalues")
     h.add_argument(
         "--eig-method",
         choices=METHODS,
-        default="lanczos",
-        help="(default: lanczos; pyhessian needs the pyhessian extra)",
+        default=d.eig_method,
+        help=f"(default: {d.eig_method}; pyhessian needs the pyhessian extra)",
     )
     h.add_argument(
         "--eig-tol",
         type=float,
-        default=DEFAULT_EIG_TOL,
-        help=f"relative residual for eigenvalues (default: {DEFAULT_EIG_TOL:g})",
+        default=d.eig_tol,
+        help=f"relative residual for eigenvalues (default: {d.eig_tol:g})",
     )
     h.add_argument(
         "--trace",
         action=argparse.BooleanOptionalAction,
-        default=True,
+        default=d.trace,
         help="Hutchinson trace (default: on)",
     )
     h.add_argument(
         "--trace-samples",
         type=int,
-        default=DEFAULT_TRACE_SAMPLES,
-        help=f"Rademacher probes (default: {DEFAULT_TRACE_SAMPLES}, PyHessian's)",
+        default=d.trace_samples,
+        help=f"Rademacher probes (default: {d.trace_samples}, PyHessian's)",
     )
     h.add_argument(
         "--density",
@@ -134,12 +132,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--param-filter",
         choices=PARAM_FILTERS,
-        default="all",
+        default=d.param_filter,
         help="parameters that count: all, or weights without biases and "
         "normalization layers (default: all)",
     )
     p.add_argument(
-        "--seed", type=seed_type, default=0, help="examples, restarts and probes (default: 0)"
+        "--seed", type=seed_type, default=d.seed, help="examples, restarts and probes (default: 0)"
     )
     p.add_argument("--json", metavar="FILE", help="write every number with its settings")
     add_overwrite_argument(p, "the --json file")
@@ -150,40 +148,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _settings(args: argparse.Namespace, progress: bool) -> dict[str, Any]:
-    """The keywords of :func:`~sharpscope.measure.measure` the options give."""
-    return {
-        "split": args.split,
-        "samples": args.samples,
-        "batch_size": args.batch_size,
-        "rhos": args.rho,
-        "norm": args.norm,
-        "adaptive": args.adaptive,
-        "eta": args.eta,
-        "m": args.m,
-        "steps": args.steps,
-        "restarts": args.restarts,
-        "average": args.average,
-        "average_samples": args.average_samples,
-        "eigs": args.eigs,
-        "smallest": args.smallest,
-        "eig_method": args.eig_method,
-        "eig_tol": args.eig_tol,
-        "trace": args.trace,
-        "trace_samples": args.trace_samples,
-        "density": args.density,
-        "param_filter": args.param_filter,
-        "seed": args.seed,
-        "progress": progress,
-    }
-
-
 def run(args: argparse.Namespace) -> int:
     # Everything that can be refused is refused before the first long computation:
     # settings, output folder and labels; then every checkpoint is loaded and checked
     # (rebuildable, parameter count, finite loss); only then is anything measured.
-    settings = _settings(args, progress=not args.quiet and sys.stderr.isatty())
-    check_measure_settings(**settings)
+    settings = settings_from_args(MeasureSettings, args, rhos="rho")
     if args.json is not None:
         check_output_path(args.json, overwrite=args.overwrite, inputs=args.checkpoints)
         if int(os.environ.get("RANK", "0")) == 0:
@@ -203,21 +172,22 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _measure_all(args: argparse.Namespace, settings: dict, device) -> None:
-    settings["progress"] = settings["progress"] and distributed.is_main_process()
+def _measure_all(args: argparse.Namespace, settings: MeasureSettings, device) -> None:
+    progress = not args.quiet and sys.stderr.isatty() and distributed.is_main_process()
     datasets: dict[str, Dataset] = {}  # checkpoints of one data set share it
     loaded = []
     for path in args.checkpoints:
         net, dataset, meta = load_model_and_data(
             path, device=device, datasets=datasets, **loading_from_args(args)
         )
-        check_model(net, dataset, loss=checkpoint_loss(meta), device=device, **settings)
-        loaded.append((path, net, dataset, meta))
+        loss = checkpoint_loss(meta, path)
+        check_model(net, dataset, settings, loss=loss, device=device)
+        loaded.append((path, net, dataset, meta, loss))
     documents = [
         checkpoint_document(
-            path, meta, measure(net, dataset, loss=checkpoint_loss(meta), device=device, **settings)
+            path, meta, measure(net, dataset, settings, loss=loss, device=device, progress=progress)
         )
-        for path, net, dataset, meta in loaded
+        for path, net, dataset, meta, loss in loaded
     ]
     if distributed.is_main_process():
         labels = args.labels or [
