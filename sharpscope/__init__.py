@@ -5,7 +5,9 @@ loss landscapes, all as functions of one objective L(w) (see docs/design.md).
 """
 
 from .checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
+from .compare import compare_checkpoints
 from .data import Dataset, load_dataset
+from .demo import demo
 from .directions import random_direction
 from .errors import SharpscopeError
 from .grid import interpolation, surface_1d, surface_2d
@@ -15,7 +17,6 @@ from .measure import format_table, measure, measure_checkpoint
 from .models import build_model, model_spec
 from .objective import Objective
 from .plots import plot_1d, plot_2d
-from .report import compare_checkpoints, demo
 from .sam import GSAM, SAM, bn_running_stats_frozen, rho_from_lr
 from .sharpness import average_sharpness, sharpness
 from .surface import Surface, load_surface

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from sharpscope import report
+from sharpscope import compare, report
 from sharpscope.checkpoint import save_checkpoint
 from sharpscope.cli import main
 from sharpscope.data import data_spec, load_dataset
@@ -45,7 +45,7 @@ SMALL = {"points": 5, "points_2d": 5, "samples": 64, "trace_samples": 4}
 
 def test_compare_writes_report_json_surfaces_and_figures(checkpoints, tmp_path):
     out = tmp_path / "cmp"
-    doc = report.compare_checkpoints(*checkpoints, str(out), labels=("SGD", "SAM"), **SMALL)
+    doc = compare.compare_checkpoints(*checkpoints, str(out), labels=("SGD", "SAM"), **SMALL)
     files = set(os.listdir(out))
     surfaces = {"interpolation.npz", "1d_a.npz", "1d_b.npz", "2d_a.npz", "2d_b.npz"}
     figures = {f"{n}.{e}" for n in ("interpolation", "1d", "2d_contour", "2d_surface3d")
@@ -67,7 +67,7 @@ def test_compare_writes_report_json_surfaces_and_figures(checkpoints, tmp_path):
 
 def test_report_plot_commands_remake_the_figures_exactly(checkpoints, tmp_path, monkeypatch):
     out = tmp_path / "cmp"
-    report.compare_checkpoints(*checkpoints, str(out), labels=("SGD", "SAM"), **SMALL)
+    compare.compare_checkpoints(*checkpoints, str(out), labels=("SGD", "SAM"), **SMALL)
     commands = [
         line.split()[1:]
         for line in (out / "report.md").read_text().splitlines()
@@ -88,7 +88,7 @@ def test_report_plot_commands_remake_the_figures_exactly(checkpoints, tmp_path, 
 def test_compare_numbers_agree_across_analyses(checkpoints, tmp_path):
     """The same examples everywhere: L(w_A) from measure = interpolation at t = 0 = the
     centre of the 1-D and 2-D surfaces; L(w_B) = interpolation at t = 1."""
-    doc = report.compare_checkpoints(*checkpoints, str(tmp_path / "c"), **SMALL)
+    doc = compare.compare_checkpoints(*checkpoints, str(tmp_path / "c"), **SMALL)
     interp = doc["interpolation"]
     t = np.asarray(interp["coords"])
     for k, model in enumerate("ab"):
@@ -109,18 +109,18 @@ def test_interpolation_barrier_of_a_known_curve():
     t = np.linspace(-0.5, 1.5, 41)
     loss = (1 - t) * 0.2 + t * 0.6 + 0.5 * np.sin(np.pi * t) ** 2
     loss[t < 0] = 100.0  # outside [0, 1]: ignored
-    barrier = report.interpolation_barrier(Surface("interpolation", t, None, loss, loss, {}))
+    barrier = compare.interpolation_barrier(Surface("interpolation", t, None, loss, loss, {}))
     assert barrier["value"] == pytest.approx(0.5)
     assert barrier["t"] == pytest.approx(0.5)
     convex = Surface("interpolation", t, None, (t - 0.5) ** 2, t, {})
-    assert report.interpolation_barrier(convex)["value"] == 0.0
+    assert compare.interpolation_barrier(convex)["value"] == 0.0
 
 
 def test_landscape_summary_of_a_known_surface():
     a, b = np.array([-1.0, 0.0, 1.0]), np.array([-1.0, 0.0, 1.0])
     loss = 1.0 + a[None, :] ** 2 + 2 * b[:, None] ** 2  # centre 1, mean 1 + 2/3 + 4/3
     loss[0, 0] = np.nan  # an unfinished point is left out of the mean and max
-    summary = report.landscape_summary(Surface("2d", a, b, loss, loss, {}))
+    summary = compare.landscape_summary(Surface("2d", a, b, loss, loss, {}))
     finite = loss[np.isfinite(loss)]
     assert summary["centre_loss"] == 1.0
     assert summary["mean_loss"] == pytest.approx(finite.mean())
@@ -138,12 +138,12 @@ def test_results_json_is_standard_json():
 def test_compare_refuses_bad_input(checkpoints, tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(SharpscopeError, match="a file is in the way"):
-        report.compare_checkpoints(*checkpoints, str(tmp_path / "file" / "out"), **SMALL)
+        compare.compare_checkpoints(*checkpoints, str(tmp_path / "file" / "out"), **SMALL)
     with pytest.raises(SharpscopeError, match="no such file"):
-        report.compare_checkpoints(checkpoints[0], str(tmp_path / "x.pt"), str(tmp_path / "o"))
+        compare.compare_checkpoints(checkpoints[0], str(tmp_path / "x.pt"), str(tmp_path / "o"))
     other = tiny_checkpoint(tmp_path / "wide.pt", 2, width=5)
     with pytest.raises(SharpscopeError, match="different architectures"):
-        report.compare_checkpoints(checkpoints[0], other, str(tmp_path / "o"), **SMALL)
+        compare.compare_checkpoints(checkpoints[0], other, str(tmp_path / "o"), **SMALL)
 
 
 def test_compare_never_leaves_a_half_written_folder(checkpoints, tmp_path, monkeypatch):
@@ -151,10 +151,10 @@ def test_compare_never_leaves_a_half_written_folder(checkpoints, tmp_path, monke
     out.mkdir()
     (out / "report.md").write_text("my own report")
     with pytest.raises(SharpscopeError, match="not empty: pass --overwrite"):
-        report.compare_checkpoints(*checkpoints, str(out), **SMALL)
-    with pytest.raises(SharpscopeError, match="--trace-samples"):  # before any work
+        compare.compare_checkpoints(*checkpoints, str(out), **SMALL)
+    with pytest.raises(SharpscopeError, match="at least 2 probes"):  # before any work
         bad = {**SMALL, "trace_samples": 0}
-        report.compare_checkpoints(*checkpoints, str(tmp_path / "new"), **bad)
+        compare.compare_checkpoints(*checkpoints, str(tmp_path / "new"), **bad)
     assert not (tmp_path / "new").exists()
 
     def broken(*args, **kwargs):
@@ -164,11 +164,11 @@ def test_compare_never_leaves_a_half_written_folder(checkpoints, tmp_path, monke
     for folder, overwrite in ((tmp_path / "fresh", False), (out, True)):
         before = sorted(os.listdir(tmp_path))
         with pytest.raises(RuntimeError, match="half way"):
-            report.compare_checkpoints(*checkpoints, str(folder), overwrite=overwrite, **SMALL)
+            compare.compare_checkpoints(*checkpoints, str(folder), overwrite=overwrite, **SMALL)
         assert sorted(os.listdir(tmp_path)) == before  # no new folder left behind
     assert os.listdir(out) == ["report.md"] and (out / "report.md").read_text() == "my own report"
     monkeypatch.undo()
-    report.compare_checkpoints(*checkpoints, str(out), overwrite=True, **SMALL)
+    compare.compare_checkpoints(*checkpoints, str(out), overwrite=True, **SMALL)
     assert "my own report" not in (out / "report.md").read_text()  # asked for: replaced
     assert not [n for n in os.listdir(out) if n.startswith(".compare-")]  # no staging left
 
@@ -220,7 +220,7 @@ def test_compare_takes_one_process_at_a_time(checkpoints, tmp_path):
     out.mkdir()
     with exclusive_lock(str(out / LOCK_NAME), "another compare"):
         with pytest.raises(SharpscopeError, match="in use by another sharpscope process"):
-            report.compare_checkpoints(*checkpoints, str(out), **SMALL)
+            compare.compare_checkpoints(*checkpoints, str(out), **SMALL)
     assert os.listdir(out) == []
 
 

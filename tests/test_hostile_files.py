@@ -39,11 +39,11 @@ from sharpscope.checkpoint import (
     save_checkpoint,
 )
 from sharpscope.cli import main
+from sharpscope.compare import compare_checkpoints
 from sharpscope.errors import SharpscopeError
 from sharpscope.landscape import interpolation_for_checkpoints, landscape_for_checkpoint
 from sharpscope.measure import measure_checkpoint
 from sharpscope.models import build_model, model_spec
-from sharpscope.report import compare_checkpoints
 from sharpscope.train import TrainConfig, load_run_config, train
 
 # -- factories of this module -------------------------------------------------------------

@@ -44,14 +44,11 @@ from sharpscope.grid import (
     surface_1d,
     surface_2d,
 )
-from sharpscope.landscape import (
-    INTERPOLATION_POINTS,
-    interpolation_for_checkpoints,
-    landscape_for_checkpoint,
-)
+from sharpscope.landscape import interpolation_for_checkpoints, landscape_for_checkpoint
 from sharpscope.losses import mse
 from sharpscope.models import build_model, model_spec
 from sharpscope.objective import Objective
+from sharpscope.settings import INTERPOLATION_POINTS
 from sharpscope.surface import Surface, load_surface
 
 FAST = ["--samples", "32", "--quiet"]
@@ -616,13 +613,13 @@ def test_cli_pca_draws_the_trajectory_on_its_plane(tmp_path):
     "extra, message",
     [
         (["--points", "0"], "positive"),
-        (["--points", "3", "3", "3"], "one or two"),
-        (["--range", "1", "-1"], "LOW must be below HIGH"),
+        (["--points", "3", "3", "3"], "one number, or NX NY"),
+        (["--range", "1", "-1"], "need finite LOW < HIGH"),
         (["--range", "a", "b"], "not numbers"),
-        (["--points", "3", "4"], "need --dim 2"),
+        (["--points", "3", "4"], "NX NY with dim 2"),
         (["--include-buffers"], "two checkpoints"),
-        (["--trajectory", "run"], "--directions pca"),
-        (["--orthogonalize"], "--dim 2"),
+        (["--trajectory", "run"], "directions 'pca' only"),
+        (["--orthogonalize"], "2-D landscapes"),
         (["--samples", "0"], "positive"),
     ],
 )

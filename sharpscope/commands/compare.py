@@ -6,10 +6,10 @@ import argparse
 import os
 import sys
 
+from ..compare import compare_checkpoints
 from ..devices import resolve_device
 from ..directions import NORMALIZATIONS
-from ..landscape import DEFAULT_POINTS
-from ..report import DEFAULT_SAMPLES, DEFAULT_TRACE_SAMPLES, QUICK, compare_checkpoints
+from ..settings import QUICK, SPLITS, CompareSettings
 from .common import (
     add_checkpoint_arguments,
     add_device_argument,
@@ -38,10 +38,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def add_compare_arguments(
-    p: argparse.ArgumentParser, out_default: str | None = None, samples: int = DEFAULT_SAMPLES
+    p: argparse.ArgumentParser, out_default: str | None = None, samples: int | None = None
 ) -> None:
-    """The options ``compare`` and ``demo`` share; ``samples`` is the default number of
-    examples without --quick."""
+    """The options ``compare`` and ``demo`` share; ``samples`` replaces the default number
+    of examples (without --quick)."""
+    d = CompareSettings()
+    samples = d.samples if samples is None else samples
     p.set_defaults(default_samples=samples)
     if out_default is None:
         p.add_argument("--out", required=True, metavar="DIR", help="output folder (created)")
@@ -56,13 +58,12 @@ def add_compare_arguments(
     p.add_argument(
         "--points",
         type=int,
-        help=f"1-D and interpolation points (default: {DEFAULT_POINTS}; --quick: "
-        f"{QUICK['points']})",
+        help=f"1-D and interpolation points (default: {d.points}; --quick: {QUICK['points']})",
     )
     p.add_argument(
         "--points-2d",
         type=int,
-        help=f"2-D points per axis (default: {DEFAULT_POINTS}, Li et al. 2018; --quick: "
+        help=f"2-D points per axis (default: {d.points_2d}, Li et al. 2018; --quick: "
         f"{QUICK['points_2d']})",
     )
     p.add_argument(
@@ -74,7 +75,7 @@ def add_compare_arguments(
     p.add_argument(
         "--trace-samples",
         type=int,
-        help=f"Hutchinson probes for the Hessian trace (default: {DEFAULT_TRACE_SAMPLES}; "
+        help=f"Hutchinson probes for the Hessian trace (default: {d.trace_samples}; "
         f"--quick: {QUICK['trace_samples']})",
     )
     p.add_argument(
@@ -84,19 +85,23 @@ def add_compare_arguments(
         "--range",
         type=float,
         nargs=2,
-        default=[-1.0, 1.0],
+        default=list(d.range),
         metavar=("LOW", "HIGH"),
         help="1-D and 2-D coordinate range (default: -1 1, Li et al. 2018)",
     )
     p.add_argument(
         "--directions",
         choices=NORMALIZATIONS,
-        default="filter",
+        default=d.directions,
         help="normalization of the Gaussian directions (default: filter, Li et al. 2018)",
     )
-    p.add_argument("--split", choices=("train", "test"), default="train", help="(default: train)")
-    p.add_argument("--batch-size", type=int, default=512, help="(default: 512)")
-    p.add_argument("--seed", type=seed_type, default=0, help="directions and examples (default: 0)")
+    p.add_argument("--split", choices=SPLITS, default=d.split, help=f"(default: {d.split})")
+    p.add_argument(
+        "--batch-size", type=int, default=d.batch_size, help=f"(default: {d.batch_size})"
+    )
+    p.add_argument(
+        "--seed", type=seed_type, default=d.seed, help="directions and examples (default: 0)"
+    )
     p.add_argument(
         "--no-measure", action="store_true", help="skip the measure table (landscapes only)"
     )
@@ -104,26 +109,33 @@ def add_compare_arguments(
     add_device_argument(p)
 
 
-def compare_options(args: argparse.Namespace) -> dict:
-    """The keyword arguments of :func:`~sharpscope.report.compare_checkpoints` from the
-    shared options, --quick filling in what was not given."""
+def compare_settings(args: argparse.Namespace) -> CompareSettings:
+    """The :class:`CompareSettings` the shared options give, --quick filling in what
+    was not given; checked before any work."""
     quick = QUICK if args.quick else {}
+    d = CompareSettings()
 
-    def pick(name: str, default: int) -> int:
+    def pick(name: str, default: int | None) -> int | None:
         value = getattr(args, name)
         return value if value is not None else quick.get(name, default)
 
+    return CompareSettings(
+        points=pick("points", d.points),
+        points_2d=pick("points_2d", d.points_2d),
+        samples=pick("samples", args.default_samples),
+        trace_samples=pick("trace_samples", d.trace_samples),
+        range=tuple(args.range),
+        directions=args.directions,
+        split=args.split,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        measure=not args.no_measure,
+    )
+
+
+def run_options(args: argparse.Namespace) -> dict:
+    """Where and how loudly: device, progress bars, the log of steps."""
     return {
-        "points": pick("points", DEFAULT_POINTS),
-        "points_2d": pick("points_2d", DEFAULT_POINTS),
-        "samples": pick("samples", args.default_samples),
-        "trace_samples": pick("trace_samples", DEFAULT_TRACE_SAMPLES),
-        "range": tuple(args.range),
-        "directions": args.directions,
-        "split": args.split,
-        "batch_size": args.batch_size,
-        "seed": args.seed,
-        "measure": not args.no_measure,
         "device": resolve_device(args.device),
         "progress": not args.quiet and sys.stderr.isatty(),
         "log": None if args.quiet else (lambda message: print(message, flush=True)),
@@ -135,9 +147,10 @@ def run(args: argparse.Namespace) -> int:
         args.checkpoint_a,
         args.checkpoint_b,
         args.out,
+        compare_settings(args),
         labels=tuple(args.labels) if args.labels else None,
         overwrite=args.overwrite,
-        **compare_options(args),
+        **run_options(args),
         **loading_from_args(args),
     )
     print(f"wrote {os.path.join(args.out, 'report.md')}")

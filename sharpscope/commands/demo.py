@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import time
 
-from ..report import demo
-from .compare import add_compare_arguments, compare_options
+from ..demo import demo
+from .compare import add_compare_arguments, compare_settings, run_options
 
 # The demo's evaluation set: 512 examples keep Li et al.'s 51 x 51 grid and the whole run
 # (two trainings, two measurements, five landscapes) near 70 s on 2 CPU cores (108 s with
@@ -43,7 +44,8 @@ def run(args: argparse.Namespace) -> int:
         epochs=args.epochs,
         rho=args.rho,
         overwrite=args.overwrite,
-        **compare_options(args),
+        **run_options(args),
+        **dataclasses.asdict(compare_settings(args)),
     )
     report = os.path.join(args.out, "compare", "report.md")
     print(f"wrote {report} ({time.perf_counter() - start:.0f} s)")

@@ -16,13 +16,13 @@ from ..devices import resolve_device
 from ..directions import DIRECTIONS
 from ..errors import SharpscopeError
 from ..files import exclusive_lock, remove_stale_temporaries
-from ..grid import DISTRIBUTE, check_grid_points
-from ..landscape import (
+from ..grid import DISTRIBUTE
+from ..landscape import interpolation_for_checkpoints, landscape_for_checkpoint
+from ..settings import (
     DEFAULT_POINTS,
     INTERPOLATION_POINTS,
-    INTERPOLATION_RANGE,
-    interpolation_for_checkpoints,
-    landscape_for_checkpoint,
+    InterpolationSettings,
+    LandscapeSettings,
 )
 from ..surface import Surface, save_partial
 from .common import (
@@ -134,24 +134,20 @@ def partial_path(out: str) -> str:
     return os.path.splitext(out)[0] + ".partial.npz"
 
 
-def _range(values: list[str] | None) -> tuple[float, float] | str | None:
-    if values is None:
-        return None
+def _range(values: list[str]) -> tuple[float, float] | str:
+    """--range's words: LOW HIGH, or auto (checked further by the settings)."""
     if values == ["auto"]:
         return "auto"
     if len(values) != 2:
         raise SharpscopeError(f"--range takes LOW HIGH or auto, got {' '.join(values)}")
     try:
-        low, high = float(values[0]), float(values[1])
+        return float(values[0]), float(values[1])
     except ValueError:
         raise SharpscopeError(f"--range: not numbers: {' '.join(values)}") from None
-    if not low < high:
-        raise SharpscopeError(f"--range: LOW must be below HIGH, got {low:g} {high:g}")
-    return low, high
 
 
-def _check_arguments(args: argparse.Namespace) -> None:
-    """Every usage error, before any checkpoint is read."""
+def _settings(args: argparse.Namespace) -> LandscapeSettings | InterpolationSettings:
+    """Every usage error, before any checkpoint is read; the settings the options give."""
     check_output_path(args.out, overwrite=args.overwrite, inputs=args.checkpoints)
     if not args.out.endswith(".npz"):
         raise SharpscopeError(f"--out must end in .npz, got {args.out}")
@@ -163,47 +159,53 @@ def _check_arguments(args: argparse.Namespace) -> None:
         if not os.path.isfile(path):
             raise SharpscopeError(f"{path}: no such file")
     points = args.points or []
-    if len(points) > 2:
-        raise SharpscopeError(
-            f"--points takes one or two positive numbers, got {' '.join(map(str, points))}"
-        )
-    if points:
-        check_grid_points(*(points * args.dim if len(points) == 1 else points))
-    if args.samples is not None and args.samples <= 0:
-        raise SharpscopeError(f"--samples must be positive, got {args.samples}")
-    if args.batch_size <= 0:
-        raise SharpscopeError(f"--batch-size must be positive, got {args.batch_size}")
-    interpolating = len(args.checkpoints) == 2
-    if interpolating:
-        wrong = [
-            flag
-            for flag, given in (
-                ("--dim 2", args.dim != 1),
-                ("--directions", args.directions != "filter"),
-                ("--trajectory", args.trajectory is not None),
-                ("--orthogonalize", args.orthogonalize),
-                ("--include-1d", args.include_1d),
-                ("--save-directions", args.save_directions),
-                ("two --points", len(points) == 2),
-                ("--range auto", args.range == ["auto"]),
-            )
-            if given
-        ]
-        if wrong:
-            raise SharpscopeError(
-                f"{', '.join(wrong)}: not for an interpolation between two checkpoints"
-            )
-        if args.include_buffers and args.bn_recalibrate:
-            raise SharpscopeError("--include-buffers or --bn-recalibrate, not both")
-    else:
+    options = {
+        "split": args.split,
+        "samples": args.samples,
+        "batch_size": args.batch_size,
+        "seed": args.seed,
+        "bn_recalibrate": args.bn_recalibrate,
+        "distribute": args.distribute,
+        "label": args.label,
+    }
+    if args.range is not None:
+        options["range"] = _range(args.range)
+    if len(args.checkpoints) == 1:
         if args.include_buffers:
             raise SharpscopeError("--include-buffers applies to an interpolation (two checkpoints)")
-        if len(points) == 2 and args.dim != 2:
-            raise SharpscopeError("two --points (NX NY) need --dim 2")
-        if args.orthogonalize and args.dim != 2:
-            raise SharpscopeError("--orthogonalize needs --dim 2 (two directions)")
-        if args.trajectory is not None and args.directions != "pca":
-            raise SharpscopeError("--trajectory goes with --directions pca")
+        if points:
+            options["points"] = points[0] if len(points) == 1 else tuple(points)
+        return LandscapeSettings(
+            **options,
+            dim=args.dim,
+            directions=args.directions,
+            orthogonalize=args.orthogonalize,
+            include_1d=args.include_1d,
+            trajectory=args.trajectory,
+            save_directions=args.save_directions,
+        )
+    wrong = [
+        flag
+        for flag, given in (
+            ("--dim 2", args.dim != 1),
+            ("--directions", args.directions != "filter"),
+            ("--trajectory", args.trajectory is not None),
+            ("--orthogonalize", args.orthogonalize),
+            ("--include-1d", args.include_1d),
+            ("--save-directions", args.save_directions),
+            ("two --points", len(points) == 2),
+            ("--range auto", args.range == ["auto"]),
+        )
+        if given
+    ]
+    if wrong:
+        raise SharpscopeError(
+            f"{', '.join(wrong)}: not for an interpolation between two checkpoints"
+        )
+    if points:
+        options["points"] = points[0]
+    options["include_buffers"] = args.include_buffers
+    return InterpolationSettings(**options)
 
 
 def _check_partial(args: argparse.Namespace) -> None:
@@ -236,7 +238,7 @@ def _sigterm_interrupts() -> Iterator[None]:
 
 
 def run(args: argparse.Namespace) -> int:
-    _check_arguments(args)  # every rank: reads only, before the process group exists
+    settings = _settings(args)  # every rank: reads only, before the process group exists
     device = distributed.init_from_environment(resolve_device(args.device))
     with contextlib.ExitStack() as held:
         if distributed.is_main_process():
@@ -245,15 +247,15 @@ def run(args: argparse.Namespace) -> int:
             remove_stale_temporaries(args.out)
             remove_stale_temporaries(partial_path(args.out))
         distributed.on_main(lambda: _check_partial(args))
-        return _run(args, device)
+        return _run(args, settings, device)
 
 
-def _run(args: argparse.Namespace, device) -> int:
+def _run(args: argparse.Namespace, settings, device) -> int:
     progress = not args.quiet and sys.stderr.isatty() and distributed.is_main_process()
     partial = partial_path(args.out)
     try:
         with _sigterm_interrupts():
-            surface = _compute(args, device, progress, partial)
+            surface = _compute(args, settings, device, progress, partial)
             if distributed.is_main_process():
                 try:
                     surface.save(args.out)
@@ -278,41 +280,12 @@ def _run(args: argparse.Namespace, device) -> int:
     return 0
 
 
-def _compute(args: argparse.Namespace, device, progress: bool, partial: str) -> Surface:
-    common = {
-        "split": args.split,
-        "samples": args.samples,
-        "batch_size": args.batch_size,
-        "device": device,
-        "seed": args.seed,
-        "bn_recalibrate": args.bn_recalibrate,
-        "label": args.label,
-        "resume_path": partial,
-        "distribute": args.distribute,
-        "progress": progress,
-        **loading_from_args(args),
-    }
-    if len(args.checkpoints) == 2:
-        return interpolation_for_checkpoints(
-            *args.checkpoints,
-            points=args.points[0] if args.points else INTERPOLATION_POINTS,
-            range=_range(args.range) or INTERPOLATION_RANGE,
-            include_buffers=args.include_buffers,
-            **common,
-        )
-    points = args.points or [DEFAULT_POINTS]
-    return landscape_for_checkpoint(
-        args.checkpoints[0],
-        dim=args.dim,
-        points=points[0] if len(points) == 1 else (points[0], points[1]),
-        range=_range(args.range),
-        directions=args.directions,
-        orthogonalize=args.orthogonalize,
-        include_1d=args.include_1d,
-        trajectory=args.trajectory,
-        save_directions=args.save_directions,
-        **common,
-    )
+def _compute(args: argparse.Namespace, settings, device, progress: bool, partial: str) -> Surface:
+    common = {"device": device, "resume_path": partial, "progress": progress}
+    common.update(loading_from_args(args))
+    if isinstance(settings, InterpolationSettings):
+        return interpolation_for_checkpoints(*args.checkpoints, settings, **common)
+    return landscape_for_checkpoint(args.checkpoints[0], settings, **common)
 
 
 def _summary(out: str, surface: Surface) -> str:

@@ -1,0 +1,384 @@
+"""Compare two minima, numbers and pictures, in one folder.
+
+:func:`compare_checkpoints` writes, for checkpoints A and B of one architecture:
+
+- the ``measure`` table of both (loss, accuracy, worst-case sharpness, top Hessian
+  eigenvalue, Hessian trace), so the flatness seen in the figures comes with numbers;
+- the interpolation L((1 - t) w_A + t w_B) (Goodfellow et al. 2015) and its barrier;
+- 1-D curves along one random direction, overlaid, and 2-D surfaces side by side: the
+  same raw Gaussian directions (same seed) for both models, each filter-normalized
+  against its own model's filters (Li et al. 2018, Sec. 4), so the two pictures differ
+  only by the minima;
+- every surface as ``.npz``, every figure as PDF and PNG, ``results.json`` with every
+  number and its settings, and ``report.md`` (:mod:`sharpscope.report`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from .checkpoint import check_trusted_model, read_checkpoint
+from .errors import SharpscopeError
+from .files import LOCK_NAME, exclusive_lock, json_safe, remove_stale_temporaries, write_json
+from .landscape import interpolation_for_checkpoints, landscape_for_checkpoint
+from .measure import measure_checkpoint
+from .plots import shared_color_scale
+from .report import FIGURE_FORMATS, FIGURES, draw_figures, write_report
+from .settings import CompareSettings, Loading, settings_from, split_keywords
+from .surface import Surface
+
+# Every file compare writes into its folder.
+OUTPUTS = (
+    "interpolation.npz",
+    "1d_a.npz",
+    "1d_b.npz",
+    "2d_a.npz",
+    "2d_b.npz",
+    "results.json",
+    "report.md",
+    *(f"{name}.{fmt}" for name in FIGURES for fmt in FIGURE_FORMATS),
+)
+
+
+def compare_checkpoints(
+    path_a: str,
+    path_b: str,
+    out: str,
+    settings: CompareSettings | None = None,
+    *,
+    labels: tuple[str, str] | None = None,
+    overwrite: bool = False,
+    training: dict[str, Any] | None = None,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+    log: Callable[[str], None] | None = None,
+    **keywords: Any,
+) -> dict[str, Any]:
+    """Measure and picture checkpoints ``path_a`` and ``path_b``; write it all to ``out``.
+
+    ``settings``: a :class:`~sharpscope.settings.CompareSettings` (or its fields as
+    keywords): every landscape and measurement uses the same ``samples`` examples of
+    ``split`` drawn from ``seed``, and the random directions are drawn from ``seed`` for
+    both models. Keywords may also be fields of :class:`~sharpscope.settings.Loading`
+    (how to rebuild the checkpoints). ``out`` is created (with its parents) if missing.
+    ``training`` (how the two were trained, as :func:`~sharpscope.demo.demo` records it)
+    is added to the report and the JSON. Returns the ``results.json`` document.
+
+    Everything is checked before any work (settings, both checkpoints, same
+    architecture, ``out`` empty or ``overwrite``), and the files are written to a
+    staging folder inside ``out`` and moved into place only when all are done: a
+    failed or interrupted compare leaves ``out`` as it was; no file written can be one
+    of the two checkpoints, and one process at a time writes ``out`` (a lock).
+    """
+    keywords, loading = split_keywords(keywords)
+    s = settings_from(CompareSettings, settings, keywords)
+    _check_inputs(path_a, path_b, out, loading)
+    say = log or (lambda message: None)
+    run = {"settings": s, "loading": loading, "device": device, "progress": progress}
+    with _staging_folder(out, overwrite) as stage:
+        seconds: dict[str, float] = {}
+        start = time.perf_counter()
+        say("interpolation A -> B")
+        interp = _interpolation(path_a, path_b, labels, run)
+        labels = tuple(interp.settings["labels"])  # type: ignore[assignment]
+        interp.save(os.path.join(stage, "interpolation.npz"))
+        seconds["interpolation"] = time.perf_counter() - start
+        measured = _measure_both((path_a, path_b), labels, run, say, seconds)
+        curves, planes = _surfaces((path_a, path_b), labels, run, say, seconds, stage)
+        say("figures")
+        start = time.perf_counter()
+        figures, logs = draw_figures(stage, interp, curves, planes, labels)
+        seconds["figures"] = time.perf_counter() - start
+        document = _document(s, device, path_a, path_b, labels, interp, curves, planes)
+        document.update(measure=measured, figures=figures, seconds=seconds)
+        document.update({"1d_log": logs["1d"], "interpolation_log": logs["interpolation"]})
+        if training is not None:
+            document["training"] = training
+        write_report(stage, document, measured, labels)
+        write_json(os.path.join(stage, "results.json"), json_safe(document))
+        _move_into_place(stage, out, (path_a, path_b))
+    return document
+
+
+def _interpolation(path_a: str, path_b: str, labels, run: dict[str, Any]) -> Surface:
+    """The interpolation A -> B; it checks the architectures match, and names the models
+    (two models with one name become "NAME (A)" and "NAME (B)")."""
+    s: CompareSettings = run["settings"]
+    interp = interpolation_for_checkpoints(
+        path_a,
+        path_b,
+        points=s.points,
+        range=s.interpolation_range,
+        split=s.split,
+        samples=s.samples,
+        batch_size=s.batch_size,
+        seed=s.seed,
+        labels=labels,
+        device=run["device"],
+        progress=run["progress"],
+        **run["loading"].keywords(),
+    )
+    named = interp.settings["labels"]
+    if named[0] == named[1]:
+        interp.settings["labels"] = [f"{named[0]} (A)", f"{named[1]} (B)"]
+    return interp
+
+
+def _measure_both(paths, labels, run: dict[str, Any], say, seconds) -> list[dict[str, Any]]:
+    """The measure documents of both checkpoints (none if ``settings.measure`` is off)."""
+    s: CompareSettings = run["settings"]
+    if not s.measure:
+        return []
+    start = time.perf_counter()
+    measured = []
+    for path, label in zip(paths, labels, strict=True):
+        say(f"measure {label}")
+        measured.append(
+            measure_checkpoint(
+                path,
+                split=s.split,
+                samples=s.samples,
+                batch_size=s.batch_size,
+                trace_samples=s.trace_samples,
+                seed=s.seed,
+                device=run["device"],
+                progress=run["progress"],
+                **run["loading"].keywords(),
+            )
+        )
+    seconds["measure"] = time.perf_counter() - start
+    return measured
+
+
+def _surfaces(paths, labels, run: dict[str, Any], say, seconds, stage: str):
+    """The 1-D curves and the 2-D planes of both checkpoints, saved into ``stage``."""
+    s: CompareSettings = run["settings"]
+    curves: list[Surface] = []
+    planes: list[Surface] = []
+    for dim, store, n in ((1, curves, s.points), (2, planes, s.points_2d)):
+        start = time.perf_counter()
+        for path, label, key in zip(paths, labels, "ab", strict=True):
+            say(f"{dim}-D landscape of {label} ({n} points{' per axis' if dim == 2 else ''})")
+            surface = landscape_for_checkpoint(
+                path,
+                dim=dim,
+                points=n,
+                range=s.range,
+                directions=s.directions,
+                seed=s.seed,  # the same raw directions (and examples) for both models
+                split=s.split,
+                samples=s.samples,
+                batch_size=s.batch_size,
+                label=label,
+                device=run["device"],
+                progress=run["progress"],
+                **run["loading"].keywords(),
+            )
+            surface.save(os.path.join(stage, f"{dim}d_{key}.npz"))
+            store.append(surface)
+        seconds[f"{dim}d"] = time.perf_counter() - start
+    return curves, planes
+
+
+def _document(s, device, path_a, path_b, labels, interp, curves, planes) -> dict[str, Any]:
+    """The results document: settings, labels, the surfaces and their numbers."""
+    return {
+        "command": "compare",
+        "checkpoints": [str(path_a), str(path_b)],
+        "settings": {
+            **{k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(s).items()},
+            "device": str(device),
+        },
+        "labels": list(labels),
+        "interpolation": {
+            "file": "interpolation.npz",
+            **_curve_dict(interp),
+            "barrier": interpolation_barrier(interp),
+        },
+        "1d": [
+            {"label": c.settings["label"], "file": f"1d_{k}.npz", **_curve_dict(c)}
+            for c, k in zip(curves, "ab", strict=True)
+        ],
+        "2d": [
+            {"label": p.settings["label"], "file": f"2d_{k}.npz", **_plane_dict(p)}
+            for p, k in zip(planes, "ab", strict=True)
+        ],
+        "color_scale": shared_color_scale([p.loss for p in planes]).to_dict(),
+    }
+
+
+def _check_inputs(path_a: str, path_b: str, out: str, loading: Loading) -> None:
+    """The refusals of the two checkpoints and the output folder, before any work."""
+    if not str(out).strip():
+        raise SharpscopeError("the output folder is empty: give one")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise SharpscopeError(f"{out} exists and is not a folder")
+    specs = []
+    for path in (path_a, path_b):
+        meta = read_checkpoint(path)  # missing, foreign or unsafe files: one clear line
+        if "model" not in meta:
+            raise SharpscopeError(
+                f"{path}: a plain state_dict; compare needs sharpscope checkpoints"
+            )
+        check_trusted_model(
+            meta["model"]["name"], path, named=loading.model, trust_code=loading.trust_code
+        )
+        specs.append(meta["model"])
+        for name in OUTPUTS:
+            if _same_file(path, os.path.join(out, name)):
+                raise SharpscopeError(
+                    f"{path} is where compare writes {name}: move it, or choose another --out"
+                )
+    if specs[0] != specs[1]:
+        raise SharpscopeError(
+            f"{path_a} and {path_b} have different architectures: nothing to compare"
+        )
+
+
+def _same_file(a: str, b: str) -> bool:
+    """Whether paths ``a`` and ``b`` name one file (through links and ``..`` too)."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _staging_folder(out: str, overwrite: bool) -> Iterator[str]:
+    """A staging folder inside ``out``, with ``out`` created and locked meanwhile.
+
+    ``out`` must be empty unless ``overwrite`` (a staging folder or temporary file a
+    killed compare left does not count, and is removed once that is checked). On the
+    way out the staging folder goes, and ``out`` too if this call made it and nothing
+    was moved in.
+    """
+    existed = os.path.isdir(out)
+    _make_folder(out)
+    try:
+        with exclusive_lock(os.path.join(out, LOCK_NAME), out):
+            stale = [n for n in os.listdir(out) if _STAGE.match(n) and _only_outputs(out, n)]
+            if set(os.listdir(out)) - {LOCK_NAME, *stale} and not overwrite:
+                raise SharpscopeError(
+                    f"{out} exists and is not empty: pass --overwrite or a new --out"
+                )
+            for name in stale:
+                shutil.rmtree(os.path.join(out, name))
+            for name in OUTPUTS:
+                remove_stale_temporaries(os.path.join(out, name))
+            stage = tempfile.mkdtemp(prefix=".compare-", dir=out)
+            try:
+                yield stage
+            finally:
+                shutil.rmtree(stage, ignore_errors=True)
+    finally:
+        if not existed and os.path.isdir(out) and not os.listdir(out):
+            os.rmdir(out)
+
+
+_STAGE = re.compile(r"^\.compare-[a-z0-9_]{8}$")  # tempfile.mkdtemp's names
+
+
+def _only_outputs(out: str, name: str) -> bool:
+    """Whether folder ``name`` of ``out`` holds nothing but compare's outputs (and their
+    temporary files): a staging folder of a killed compare, not someone's own."""
+    folder = os.path.join(out, name)
+    return os.path.isdir(folder) and all(
+        entry in OUTPUTS or any(entry.startswith(f".tmp-{o}-") for o in OUTPUTS)
+        for entry in os.listdir(folder)
+    )
+
+
+def _move_into_place(stage: str, out: str, inputs: Sequence[str]) -> None:
+    """Move every staged file into ``out``, after checking that none replaces an input."""
+    names = sorted(os.listdir(stage))
+    for name in names:
+        for path in inputs:
+            if _same_file(path, os.path.join(out, name)):
+                raise SharpscopeError(f"{path} is where compare writes {name}: nothing written")
+    for name in names:
+        os.replace(os.path.join(stage, name), os.path.join(out, name))
+
+
+def interpolation_barrier(surface: Surface) -> dict[str, float]:
+    """The loss barrier on t in [0, 1]: max_t L(t) - ((1 - t) L(0) + t L(1)).
+
+    The definition of Frankle et al. (2020, "Linear Mode Connectivity and the Lottery
+    Ticket Hypothesis", Sec. 2) with loss for error; 0 when the straight path never
+    rises above the chord between the two minima. Also the t where it is reached.
+    """
+    t = np.asarray(surface.coords_a, dtype=float)
+    loss = np.asarray(surface.loss, dtype=float)
+    inside = (t >= 0) & (t <= 1) & np.isfinite(loss)
+    at0, at1 = np.flatnonzero(t == 0.0), np.flatnonzero(t == 1.0)
+    if not inside.any() or not len(at0) or not len(at1):
+        return {"value": math.nan, "t": math.nan}
+    l0, l1 = loss[at0[0]], loss[at1[0]]
+    excess = loss[inside] - ((1 - t[inside]) * l0 + t[inside] * l1)
+    i = int(np.argmax(excess))
+    return {"value": float(max(excess[i], 0.0)), "t": float(t[inside][i])}
+
+
+def landscape_summary(surface: Surface) -> dict[str, float]:
+    """Plain numbers from a 1-D or 2-D surface: L at the centre (a = b = 0), the mean
+    and the maximum of L over the plotted range, and the mean rise above the centre
+    (a Monte Carlo-free average-case sharpness over the drawn directions' box)."""
+    loss = np.asarray(surface.loss, dtype=float)
+    centre_index = (
+        (int(np.argmin(np.abs(surface.coords_b))), int(np.argmin(np.abs(surface.coords_a))))
+        if surface.kind == "2d"
+        else (int(np.argmin(np.abs(surface.coords_a))),)
+    )
+    centre = float(loss[centre_index])
+    finite = loss[np.isfinite(loss)]
+    return {
+        "centre_loss": centre,
+        "mean_loss": float(finite.mean()),
+        "max_loss": float(finite.max()),
+        "mean_rise": float(finite.mean() - centre),
+    }
+
+
+def _curve_dict(surface: Surface) -> dict[str, Any]:
+    return {
+        "settings": surface.settings,
+        "coords": np.asarray(surface.coords_a).tolist(),
+        "loss": np.asarray(surface.loss).tolist(),
+        "accuracy": np.asarray(surface.accuracy).tolist(),
+        "summary": landscape_summary(surface) if surface.kind != "interpolation" else {},
+    }
+
+
+def _plane_dict(surface: Surface) -> dict[str, Any]:
+    return {
+        "settings": surface.settings,
+        "layout": "loss[i][j] at (alpha = coords_a[j], beta = coords_b[i])",
+        "coords_a": np.asarray(surface.coords_a).tolist(),
+        "coords_b": np.asarray(surface.coords_b).tolist(),
+        "loss": np.asarray(surface.loss).tolist(),
+        "accuracy": np.asarray(surface.accuracy).tolist(),
+        "summary": landscape_summary(surface),
+    }
+
+
+def _make_folder(out: str) -> None:
+    """Create the output folder, parents included (``--out runs/demo`` on a fresh clone)."""
+    try:
+        os.makedirs(out, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise SharpscopeError(f"cannot make folder {out}: a file is in the way") from None
+    except OSError as exc:
+        raise SharpscopeError(f"cannot make folder {out}: {exc.strerror}") from None
