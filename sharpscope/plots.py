@@ -155,12 +155,10 @@ def shared_color_scale(
 
 
 # -- labels --------------------------------------------------------------------------
-_DIRECTION_NAMES = {
+_DIRECTION_NAMES = {  # the "directions" a surface's settings record (directions.py)
     "filter": "filter-normalized direction",
     "layer": "layer-normalized direction",
     "none": "random direction",
-    "unnormalized": "random direction",
-    "random": "random direction",
     "hessian": "Hessian eigenvector",
     "pca": "principal component",
 }
@@ -168,12 +166,8 @@ _DIRECTION_NAMES = {
 
 def direction_name(settings: dict[str, Any]) -> str:
     """What a surface's directions are, e.g. "filter-normalized direction", from its
-    settings ("directions", "normalization")."""
-    kind = str(settings.get("directions", "")).lower()
-    normalization = str(settings.get("normalization", "")).lower()
-    if kind in ("random", "gaussian", "") and normalization in _DIRECTION_NAMES:
-        kind = normalization
-    return _DIRECTION_NAMES.get(kind, "direction")
+    settings' "directions"."""
+    return _DIRECTION_NAMES.get(str(settings.get("directions", "")).lower(), "direction")
 
 
 def axis_label(settings: dict[str, Any], axis: int, endpoints: tuple[str, str] = ("A", "B")) -> str:

@@ -1212,12 +1212,9 @@ def _silent(msg: str) -> None:
 
 
 def _print(msg: str) -> None:
-    try:
-        from tqdm import tqdm
+    from tqdm import tqdm
 
-        tqdm.write(msg, file=sys.stdout)
-    except ImportError:  # pragma: no cover
-        print(msg, flush=True)
+    tqdm.write(msg, file=sys.stdout)  # above a progress bar, if one is shown
     sys.stdout.flush()
 
 

@@ -50,6 +50,7 @@ from sharpscope.models import build_model, model_spec
 from sharpscope.objective import Objective
 from sharpscope.settings import INTERPOLATION_POINTS
 from sharpscope.surface import Surface, load_surface
+from sharpscope.train import TrainConfig, train
 
 FAST = ["--samples", "32", "--quiet"]
 REAL_EVALUATE = PointEvaluator.__call__  # tests wrap it to count or interrupt points
@@ -222,6 +223,59 @@ def test_pca_recovers_a_planar_trajectory(tiny_mlp, tiny_data, tmp_path):
     np.testing.assert_allclose(coords, c.numpy(), atol=1e-12)
     assert explained == pytest.approx([19 / 22, 3 / 22], abs=1e-12)
     assert trajectory_checkpoints(str(tmp_path))[-1].endswith("step_0000050.pt")
+
+
+@pytest.fixture(scope="module")
+def run_with_trajectory(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("traj") / "run")
+    config = TrainConfig(
+        model="mlp",
+        width=8,
+        depth=1,
+        epochs=2,
+        train_subset=128,
+        batch_size=32,
+        save_every=2,
+        device="cpu",
+    )
+    train(config, out, progress=False, quiet=True)
+    return out
+
+
+def test_pca_directions_are_the_top_principal_components(run_with_trajectory):
+    from sharpscope.checkpoint import load_checkpoint, read_checkpoint
+
+    model, meta = load_checkpoint(run_with_trajectory + "/checkpoint.pt")
+    obj = Objective(model, load_dataset(meta["data"]).examples("train", 32))
+    d1, d2, coords, explained = trajectory_directions(run_with_trajectory, obj)
+    rows = []
+    for path in sorted(__import__("glob").glob(run_with_trajectory + "/trajectory/step_*.pt")):
+        sd = read_checkpoint(path)["state_dict"]
+        rows.append(obj.layout.flatten(sd).double() - obj.w0.double())
+    M = torch.stack(rows)
+    cov_eigs = torch.linalg.eigvalsh(M.T @ M).flip(0)
+    # d1 and d2 are unit, orthogonal, and capture the two largest variances of M.
+    assert d1.norm().item() == pytest.approx(1, rel=1e-5) and abs(torch.dot(d1, d2)) < 1e-5
+    assert (M @ d1.double()).pow(2).sum().item() == pytest.approx(cov_eigs[0].item(), rel=1e-4)
+    assert (M @ d2.double()).pow(2).sum().item() == pytest.approx(cov_eigs[1].item(), rel=1e-4)
+    assert coords.shape == (len(rows), 2) and np.allclose(coords[-1], 0, atol=1e-6)
+    assert explained[0] >= explained[1] > 0
+    surface = landscape_for_checkpoint(
+        run_with_trajectory + "/checkpoint.pt",
+        dim=2,
+        points=5,
+        range="auto",
+        directions="pca",
+        samples=32,
+    )
+    assert surface.trajectory.shape == (len(rows), 2)
+    half = surface.settings["range"][1]
+    assert half >= np.abs(coords).max()  # the plane holds the whole trajectory
+
+
+def test_pca_needs_a_trajectory(tmp_path, tiny_mlp, tiny_data):
+    with pytest.raises(SharpscopeError, match="--save-every"):
+        trajectory_directions(str(tmp_path), Objective(tiny_mlp, tiny_data))
 
 
 # -- grids and surfaces -----------------------------------------------------------------------

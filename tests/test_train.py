@@ -511,7 +511,6 @@ def test_default_config_is_the_documented_digits_run():
 
 # -- tracking ----------------------------------------------------------------------------------
 def test_tracked_top_eigenvalue_matches_the_dense_hessian(tmp_path):
-    pytest.importorskip("sharpscope.hessian")
     out = tmp_path / "run"
     config = _config(epochs=1, track_every=2, track_samples=32, model="mlp", width=4)
     train(config, out, quiet=True)
@@ -538,8 +537,6 @@ def test_tracked_top_eigenvalue_matches_the_dense_hessian(tmp_path):
 
 
 def test_tracked_sharpness_is_at_least_the_gradient_direction_value(tmp_path):
-    pytest.importorskip("sharpscope.hessian")
-    pytest.importorskip("sharpscope.sharpness")
     out = tmp_path / "run"
     config = _config(epochs=1, track_every=4, track_samples=32, track_sharpness=True, rho=0.1)
     train(config, out, quiet=True)
@@ -579,7 +576,6 @@ def test_mnist1d_cnn1d_reaches_the_paper_figure(tmp_path, seed):
 def test_edge_of_stability_top_eigenvalue_hovers_at_two_over_eta(tmp_path):
     """Cohen et al. 2021: full-batch GD with step eta on an MSE loss sharpens until the
     top Hessian eigenvalue reaches about 2 / eta, then hovers there (just above)."""
-    pytest.importorskip("sharpscope.hessian")
     lr = 0.2
     config = TrainConfig(
         data="digits",
