@@ -23,7 +23,8 @@ import torch
 
 from sharpscope import distributed
 from sharpscope.data import Dataset
-from sharpscope.train import TrainConfig, _Trainer, resolve_config
+from sharpscope.train_config import TrainConfig, resolve_config
+from sharpscope.trainer import Trainer
 
 
 def _cifar_shaped(batch: int) -> Dataset:
@@ -34,7 +35,7 @@ def _cifar_shaped(batch: int) -> Dataset:
     return Dataset("cifar-shaped", x, y, x[:2], y[:2], 10)
 
 
-def _time_step(t: _Trainer, x: torch.Tensor, y: torch.Tensor, step: int) -> float:
+def _time_step(t: Trainer, x: torch.Tensor, y: torch.Tensor, step: int) -> float:
     if t.device.type == "cuda":
         torch.cuda.synchronize(t.device)
     start = time.perf_counter()
@@ -73,7 +74,7 @@ def main() -> None:
     trainers = {}
     for name, options in cases.items():
         c = resolve_config(TrainConfig(data="synthetic", **common, **options))
-        trainers[name] = _Trainer(c, data, device)
+        trainers[name] = Trainer(c, data, device)
     x, y = trainers["SGD"].batch(0, 0, 0)
     times: dict[str, list[float]] = {name: [] for name in cases}
     for i in range(steps + 2):

@@ -19,7 +19,8 @@ import time
 import torch
 
 from sharpscope.data import Dataset, load_dataset
-from sharpscope.train import TrainConfig, _Trainer, resolve_config
+from sharpscope.train_config import TrainConfig, resolve_config
+from sharpscope.trainer import Trainer
 
 
 def _dataset(name: str, batch: int, device: torch.device) -> Dataset:
@@ -32,15 +33,15 @@ def _dataset(name: str, batch: int, device: torch.device) -> Dataset:
     return Dataset("cifar-shaped", x, y, x[:2], y[:2], 10).to(device)
 
 
-def _trainer(case: dict, optimizer: str, device: torch.device) -> _Trainer:
+def _trainer(case: dict, optimizer: str, device: torch.device) -> Trainer:
     options = {k: v for k, v in case["config"].items()}
     if optimizer == "sgd":
         options.pop("m", None)
     c = resolve_config(TrainConfig(optimizer=optimizer, device=str(device), **options))
-    return _Trainer(c, _dataset(case["data"], options["batch_size"], device), device)
+    return Trainer(c, _dataset(case["data"], options["batch_size"], device), device)
 
 
-def _time_step(t: _Trainer, x: torch.Tensor, y: torch.Tensor, step: int) -> float:
+def _time_step(t: Trainer, x: torch.Tensor, y: torch.Tensor, step: int) -> float:
     if t.device.type == "cuda":
         torch.cuda.synchronize(t.device)
     start = time.perf_counter()

@@ -33,14 +33,13 @@ def demo(
     ``compare_options`` are fields of :class:`~sharpscope.settings.CompareSettings`
     (``seed`` is the demo's unless given). Returns the comparison's document, with each
     run's command, configuration, final metrics and time under "training"."""
-    from .train import TrainConfig, resolve_config, train
+    from .train import TrainConfig, train
 
     say = log or (lambda message: None)
-    # Before any training: fail fast, not after SGD; the configuration's checks too.
-    config = TrainConfig(optimizer="sam", seed=seed, epochs=epochs, device=str(device))
+    given = {"seed": seed, "epochs": epochs, "device": str(device)}
     if rho is not None:
-        config.rho = rho
-    resolve_config(config)
+        given["rho"] = rho
+    TrainConfig(optimizer="sam", **given)  # checked before any training: fail fast
     settings = CompareSettings(**{"seed": seed, **compare_options})
     for optimizer in ("sgd", "sam"):
         folder = os.path.join(out, optimizer)
@@ -52,9 +51,7 @@ def demo(
     _make_folder(out)
     training: dict[str, Any] = {}
     for optimizer in ("sgd", "sam"):
-        config = TrainConfig(optimizer=optimizer, seed=seed, epochs=epochs, device=str(device))
-        if rho is not None:
-            config.rho = rho
+        config = TrainConfig(optimizer=optimizer, **given)
         folder = os.path.join(out, optimizer)
         command = f"sharpscope train --optimizer {optimizer} --seed {seed} --out {folder}"
         command += f" --epochs {epochs}" if epochs is not None else ""

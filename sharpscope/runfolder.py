@@ -96,7 +96,7 @@ class RunFolder:
         path = self._at("config.json")
         if not os.path.isfile(path) or os.path.getsize(path) > 2**20:
             return False
-        from .train import config_from_dict  # train.py imports this module
+        from .train_config import config_from_dict  # (train.py imports this module)
 
         try:
             with open(path) as f:

@@ -11,8 +11,8 @@ The command line builds these from its arguments before any work, the library fu
 take them (or the keywords that build them), and every result records
 ``dataclasses.asdict`` of the settings that made it. Where an analyzer checks its own
 options (:func:`sharpscope.sharpness.check_sharpness_options`, ...), the settings call
-that same check: each rule is written once. (Training has :class:`~sharpscope.train.
-TrainConfig`.)
+that same check: each rule is written once. (Training has
+:class:`~sharpscope.train_config.TrainConfig`.)
 """
 
 from __future__ import annotations

@@ -26,7 +26,9 @@ from sharpscope.cli import main
 from sharpscope.data import data_spec, load_dataset
 from sharpscope.errors import SharpscopeError
 from sharpscope.runfolder import RunFolder
-from sharpscope.train import TrainConfig, _Trainer, resolve_config, train
+from sharpscope.train import train
+from sharpscope.train_config import TrainConfig, resolve_config
+from sharpscope.trainer import Trainer
 from tests.distributed_utils import run_distributed, torchrun_sharpscope
 from tests.test_train import TINY, _grad, _norm, _params
 
@@ -47,12 +49,12 @@ def bn_mlp(input_shape, num_classes, width: int = 8, depth: int = 1) -> nn.Modul
     return nn.Sequential(*layers, nn.Linear(fan_in, num_classes))
 
 
-def _float64_trainer(**options) -> _Trainer:
+def _float64_trainer(**options) -> Trainer:
     """The tiny problem in float64 (float32 with mixed precision)."""
     c = resolve_config(TrainConfig(**{**STEP, **options}))
     ds = load_dataset(data_spec(c.data, train_subset=c.train_subset))
     dtype = torch.float64 if c.amp in ("auto", "none") else None
-    return _Trainer(c, ds, torch.device("cpu"), dtype=dtype)
+    return Trainer(c, ds, torch.device("cpu"), dtype=dtype)
 
 
 def _flat(tensors) -> torch.Tensor:
@@ -230,7 +232,7 @@ def details_on_ranks(rank: int, world: int, out_dir: str) -> None:
     found["tracked"] = int(bn.num_batches_tracked)
 
     # fp16: a first pass that overflows on rank 1 only must skip the step on both.
-    t = _Trainer(
+    t = Trainer(
         resolve_config(TrainConfig(**{**STEP, "amp": "fp16", "m": 8})),
         load_dataset(data_spec("synthetic", train_subset=64)),
         torch.device("cpu"),
@@ -360,7 +362,7 @@ def runs_on_ranks(rank: int, world: int, out_dir: str) -> None:
         config = TrainConfig(**{**RUN, **options})
         metrics[name] = train(config, os.path.join(out_dir, name), quiet=True)
     # interrupted in step 7 (after the resume point at step 6) on every rank, resumed
-    step = _Trainer.step
+    step = Trainer.step
 
     def interrupted(self, x, y, i):
         if i == 7:
@@ -368,13 +370,13 @@ def runs_on_ranks(rank: int, world: int, out_dir: str) -> None:
         return step(self, x, y, i)
 
     config = TrainConfig(**{**RUN, **RUNS["sam"]})
-    _Trainer.step = interrupted
+    Trainer.step = interrupted
     for folder in ("cut", "cut-for-one-process"):
         try:
             train(config, os.path.join(out_dir, folder), quiet=True)
         except KeyboardInterrupt:
             pass
-    _Trainer.step = step
+    Trainer.step = step
     metrics["cut"] = train(config, os.path.join(out_dir, "cut"), resume=True, quiet=True)
     torch.save({"writes": writes, "metrics": metrics}, os.path.join(out_dir, f"runs{rank}.pt"))
 
@@ -486,18 +488,18 @@ def test_torchrun_resume_of_the_same_command_line_reads_the_folder_on_rank_0(tmp
     big = ["--data", "synthetic", "--train-subset", "64", "--model", "mlp", "--width", "3000"]
     big += ["--depth", "2", "--batch-size", "16", "--epochs", "2", "--quiet"]
     out = tmp_path / "run"
-    step = _Trainer.step
+    step = Trainer.step
 
     def interrupted(self, x, y, i):
         if i == 5:
             raise KeyboardInterrupt
         return step(self, x, y, i)
 
-    _Trainer.step = interrupted
+    Trainer.step = interrupted
     try:
         assert main(["train", *big, "--checkpoint-every", "2", "--out", str(out)]) == 130
     finally:
-        _Trainer.step = step
+        Trainer.step = step
     assert read_checkpoint(out / "resume.pt")["resume"]["step"] == 4
     for _ in range(2):  # again once complete: nothing to do
         done = _torchrun([*big, "--checkpoint-every", "2", "--out", str(out), "--resume"])

@@ -22,15 +22,15 @@ from sharpscope.checkpoint import load_checkpoint, read_checkpoint
 from sharpscope.cli import main
 from sharpscope.data import data_spec, load_dataset
 from sharpscope.errors import SharpscopeError
-from sharpscope.train import (
+from sharpscope.train import train
+from sharpscope.train_config import (
     DEFAULT_EPOCHS,
     TrainConfig,
-    _Trainer,
     learning_rate,
     resolve_amp,
     resolve_config,
-    train,
 )
+from sharpscope.trainer import Trainer
 from tests.cli_utils import exit2
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -51,12 +51,12 @@ def bn_dropout_mlp(input_shape, num_classes, width: int = 12, depth: int = 1) ->
 TINY = {"data": "synthetic", "train_subset": 64, "model": "mlp", "width": 8, "depth": 1}
 
 
-def _trainer(**options) -> _Trainer:
+def _trainer(**options) -> Trainer:
     """A float64 trainer on the tiny problem (plain SGD steps, no momentum, no decay)."""
     values = {**TINY, "batch_size": 16, "momentum": 0.0, "weight_decay": 0.0, "lr": 0.1}
     c = resolve_config(TrainConfig(**{**values, **options}))
     ds = load_dataset(data_spec(c.data, train_subset=c.train_subset))
-    t = _Trainer(c, ds, torch.device("cpu"))
+    t = Trainer(c, ds, torch.device("cpu"))
     t.model.double()
     t.dataset.train_x = t.dataset.train_x.double()
     t.dataset.test_x = t.dataset.test_x.double()
@@ -152,7 +152,7 @@ def test_gsam_rho_follows_the_learning_rate():
 
 def test_batchnorm_statistics_come_from_the_clean_pass_only():
     c = resolve_config(TrainConfig(**{**TINY, "model": "tests.test_train:bn_dropout_mlp"}))
-    t = _Trainer(c, load_dataset(data_spec("synthetic", train_subset=64)), torch.device("cpu"))
+    t = Trainer(c, load_dataset(data_spec("synthetic", train_subset=64)), torch.device("cpu"))
     reference = copy.deepcopy(t.model)
     x, y = t.batch(0, 0, 0)
     with torch.no_grad():
@@ -177,9 +177,9 @@ def test_learning_rate_schedules():
 
 
 # -- fp16 with a GradScaler (CPU autocast here; the same code runs on CUDA) ---------------------
-def _fp16_trainer(**options) -> _Trainer:
+def _fp16_trainer(**options) -> Trainer:
     c = resolve_config(TrainConfig(**{**TINY, "batch_size": 16, "amp": "fp16", **options}))
-    return _Trainer(c, load_dataset(data_spec("synthetic", train_subset=64)), torch.device("cpu"))
+    return Trainer(c, load_dataset(data_spec("synthetic", train_subset=64)), torch.device("cpu"))
 
 
 def test_fp16_step_is_skipped_and_the_scale_backs_off_when_the_first_pass_overflows():
@@ -289,18 +289,18 @@ def test_rho_zero_run_equals_sgd_run_with_batchnorm_and_dropout(tmp_path):
 def test_resume_after_an_interruption_mid_epoch_is_bit_identical(tmp_path, monkeypatch):
     config = _config(model="tests.test_train:bn_dropout_mlp", epochs=4, checkpoint_every=3)
     train(config, tmp_path / "whole", quiet=True)
-    step = _Trainer.step
+    step = Trainer.step
 
     def interrupted(self, x, y, i):
         if i == 10:
             raise KeyboardInterrupt
         return step(self, x, y, i)
 
-    monkeypatch.setattr(_Trainer, "step", interrupted)
+    monkeypatch.setattr(Trainer, "step", interrupted)
     with pytest.raises(KeyboardInterrupt):
         train(config, tmp_path / "cut", quiet=True)
     assert read_checkpoint(tmp_path / "cut" / "resume.pt")["resume"]["step"] == 9
-    monkeypatch.setattr(_Trainer, "step", step)
+    monkeypatch.setattr(Trainer, "step", step)
     train(config, tmp_path / "cut", resume=True, quiet=True)
     _same_state(tmp_path / "whole" / "checkpoint.pt", tmp_path / "cut" / "checkpoint.pt")
     assert _without_times(_records(tmp_path / "whole")) == _without_times(
@@ -363,7 +363,9 @@ def test_sigint_or_sigterm_saves_a_resume_point_and_resume_is_bit_identical(tmp_
     assert proc.returncode == 130, err
     assert f"{signal.Signals(sig).name}: stopped after step" in err and "Traceback" not in err
     stopped_at = read_checkpoint(out / "resume.pt")["resume"]["step"]
-    assert stopped_at > 16 and not (out / "checkpoint.pt").exists()
+    # At or after the end of the first epoch (step 16), when the signal was sent; without
+    # the handler the last resume point would be step 0's.
+    assert stopped_at >= 16 and not (out / "checkpoint.pt").exists()
     assert main(["train", "--out", str(out), "--resume", "--quiet"]) == 0
     reference = tmp_path / "whole"
     assert main(["train", *options, "--out", str(reference), "--quiet"]) == 0
@@ -388,20 +390,20 @@ def test_an_interrupted_or_failed_overwrite_keeps_both_runs(tmp_path, monkeypatc
     train(_config(epochs=1), out, quiet=True)
     old = (out / "checkpoint.pt").read_bytes()
     config = _config(epochs=4, checkpoint_every=3)
-    step = _Trainer.step
+    step = Trainer.step
 
     def failing(self, x, y, i):
         if i == 10:
             raise failure("cut")
         return step(self, x, y, i)
 
-    monkeypatch.setattr(_Trainer, "step", failing)
+    monkeypatch.setattr(Trainer, "step", failing)
     with pytest.raises(failure):
         train(config, out, overwrite=True, quiet=True)
     assert "kept in" in capsys.readouterr().err
     assert (out / ".replaced-run" / "checkpoint.pt").read_bytes() == old  # the old run
     assert read_checkpoint(out / "resume.pt")["resume"]["step"] == 9  # the new one, resumable
-    monkeypatch.setattr(_Trainer, "step", step)
+    monkeypatch.setattr(Trainer, "step", step)
     train(config, out, resume=True, quiet=True)
     assert not (out / ".replaced-run").exists()  # replaced for good once the new run is done
     train(config, tmp_path / "whole", quiet=True)
@@ -601,3 +603,50 @@ def test_edge_of_stability_top_eigenvalue_hovers_at_two_over_eta(tmp_path):
     assert tracks[0] < 0.7 * 2 / lr  # starts well inside the stable region
     late = tracks[len(tracks) // 2 :]
     assert 0.9 * 2 / lr <= sum(late) / len(late) <= 1.25 * 2 / lr
+
+
+# The table of Trainer.step: which passes DDP all-reduces, and when the averaged
+# micro-batch gradients are all-reduced by hand instead. Global batch 32 on 2 processes.
+SYNC_TABLE = [
+    # data_parallel, sam_step, m, local_batch, gsam, decay_in_loss -> first, second, by_hand
+    ((True, False, None, 16, False, False), (True, True, False)),  # SGD / plain step
+    ((True, True, None, 16, False, False), (True, True, False)),  # SAM, --m unset
+    ((True, True, 32, 16, False, False), (True, True, False)),  # SAM, --m = B
+    ((True, True, 16, 16, False, False), (False, True, False)),  # SAM, --m = B/N
+    ((True, True, 8, 16, False, False), (False, False, True)),  # --m < B/N
+    ((True, True, 16, 16, True, False), (False, False, True)),  # GSAM with --m = B/N
+    ((True, True, 16, 16, False, True), (False, False, True)),  # "loss" decay with --m
+    ((False, True, 8, 32, False, False), (False, True, False)),  # one process: no DDP
+]
+
+
+@pytest.mark.parametrize("options, expected", SYNC_TABLE)
+def test_which_passes_are_all_reduced_follows_the_table(options, expected):
+    from sharpscope.trainer import synchronization
+
+    data_parallel, sam_step, m, local_batch, gsam, decay_in_loss = options
+    sync = synchronization(
+        data_parallel=data_parallel,
+        sam_step=sam_step,
+        m=m,
+        batch=32,
+        local_batch=local_batch,
+        gsam=gsam,
+        decay_in_loss=decay_in_loss,
+    )
+    assert (sync.first, sync.second, sync.by_hand) == expected
+    assert sync.local_eps == (sam_step and m is not None and m < 32)
+
+
+def test_train_state_is_saved_and_loaded_as_one_object(tmp_path):
+    from sharpscope.train_state import TrainState
+
+    out = tmp_path / "run"
+    train(_config(epochs=1, checkpoint_every=3), out, quiet=True)
+    saved = read_checkpoint(out / "resume.pt")["resume"]
+    state = TrainState.from_dict(saved, "resume.pt")
+    assert state.complete and state.step == 4 and state.records[-1]["kind"] == "final"
+    assert state.to_dict().keys() == saved.keys()
+    for key, value in state.to_dict().items():
+        if key != "optimizer":
+            assert value == saved[key], key

@@ -12,17 +12,15 @@ from .. import distributed
 from ..devices import resolve_device
 from ..errors import SharpscopeError
 from ..losses import LOSSES
-from ..train import (
+from ..train import NoResumePoint, load_run_config, train
+from ..train_config import (
     AMP_MODES,
     DEFAULT_EPOCHS,
     LOCATION_FIELDS,
     OPTIMIZERS,
     SCHEDULES,
     WEIGHT_DECAY_MODES,
-    NoResumePoint,
     TrainConfig,
-    load_run_config,
-    train,
 )
 from .common import (
     add_data_arguments,
