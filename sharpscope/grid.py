@@ -282,41 +282,9 @@ def _run_grid(
         buffers = buffers_at(*chunk[0][1]) if buffers_at is not None else None
         return evaluator(W, buffers)
 
-    def rounds():
-        """Lists of (index, loss, accuracy) finished together, the same on every rank."""
-        if not split:  # one process, or every rank evaluating every point on its shard
-            for start in range(0, len(todo), step):
-                chunk = todo[start : start + step]
-                loss, acc = evaluate(chunk)
-                yield [(p[0], lv, av) for p, lv, av in zip(chunk, loss, acc, strict=True)]
-            return
-        # The points dealt out round-robin, each rank evaluating its own on all the
-        # examples; after every round of SPLIT_ROUND_CHUNKS chunks per rank the results
-        # are summed over the ranks (each point has one owner, the others add exact
-        # zeros), so rank 0 saves and shows what all have done.
-        mine = todo[distributed.rank() :: distributed.world_size()]
-        per_round = step * SPLIT_ROUND_CHUNKS
-        longest = -(-len(todo) // distributed.world_size())
-        for start in range(0, longest, per_round):
-            part = mine[start : start + per_round]
-            table = torch.zeros(3, done.size, dtype=torch.float64)
-            for c in range(0, len(part), step):
-                chunk = part[c : c + step]
-                flat = [np.ravel_multi_index(idx, done.shape) for idx, _ in chunk]
-                loss, acc = evaluate(chunk)
-                table[0, flat] = torch.from_numpy(np.asarray(loss, dtype=np.float64))
-                table[1, flat] = torch.from_numpy(np.asarray(acc, dtype=np.float64))
-                table[2, flat] = 1.0
-            table = table.to(evaluator.objective.device)  # NCCL sums CUDA tensors only
-            distributed.all_reduce_sum_([table])
-            table = table.cpu().numpy()
-            yield [
-                (np.unravel_index(f, done.shape), table[0, f], table[1, f])
-                for f in np.flatnonzero(table[2])
-            ]
-
+    rounds = _rounds(todo, step, evaluate, done.shape, evaluator.objective.device, split)
     try:
-        for finished in rounds():
+        for finished in rounds:
             for idx, lv, av in finished:
                 surface.loss[idx], surface.accuracy[idx] = lv, av
                 done[idx] = True  # last: an interruption never marks a point half-written
@@ -333,6 +301,44 @@ def _run_grid(
     surface.settings["evaluation"] = evaluator.description
     if writer and os.path.exists(resume_path):
         os.remove(resume_path)
+
+
+def _rounds(todo: list, step: int, evaluate: Callable, shape, device, split: bool):
+    """Lists of (index, loss, accuracy) finished together, the same on every rank.
+
+    Without ``split`` (one process, or every rank evaluating every point on its shard of
+    the examples) each chunk of ``step`` points is a round. With it, the points are dealt
+    out round-robin, each rank evaluating its own on all the examples; after every round
+    of SPLIT_ROUND_CHUNKS chunks per rank the results are summed over the ranks (each
+    point has one owner, the others add exact zeros), so rank 0 saves and shows what all
+    have done.
+    """
+    if not split:
+        for start in range(0, len(todo), step):
+            chunk = todo[start : start + step]
+            loss, acc = evaluate(chunk)
+            yield [(p[0], lv, av) for p, lv, av in zip(chunk, loss, acc, strict=True)]
+        return
+    size = math.prod(shape)
+    mine = todo[distributed.rank() :: distributed.world_size()]
+    per_round = step * SPLIT_ROUND_CHUNKS
+    longest = -(-len(todo) // distributed.world_size())
+    for start in range(0, longest, per_round):
+        part = mine[start : start + per_round]
+        table = torch.zeros(3, size, dtype=torch.float64)
+        for c in range(0, len(part), step):
+            chunk = part[c : c + step]
+            flat = [np.ravel_multi_index(idx, shape) for idx, _ in chunk]
+            loss, acc = evaluate(chunk)
+            table[0, flat] = torch.from_numpy(np.asarray(loss, dtype=np.float64))
+            table[1, flat] = torch.from_numpy(np.asarray(acc, dtype=np.float64))
+            table[2, flat] = 1.0
+        table = table.to(device)  # NCCL sums CUDA tensors only
+        distributed.all_reduce_sum_([table])
+        table = table.cpu().numpy()
+        yield [
+            (np.unravel_index(f, shape), table[0, f], table[1, f]) for f in np.flatnonzero(table[2])
+        ]
 
 
 def _coords(values: Sequence[float], name: str) -> np.ndarray:

@@ -50,11 +50,21 @@ def draw_figures(
 def write_report(
     out: str, doc: dict[str, Any], measured: list[dict[str, Any]], labels: tuple[str, str]
 ) -> None:
-    s = doc["settings"]
-    a, b = labels
+    """``out``/report.md: the comparison ``doc`` (and the ``measured`` documents) as a page
+    with its figures, numbers, settings and the commands that redraw each figure."""
+    lines = _head(doc, labels)
+    if "training" in doc:
+        lines += _training(doc, labels)
+    if measured:
+        lines += ["## Measurements", "", "```", format_table(measured, list(labels)), "```", ""]
+    lines += _landscape_numbers(doc, labels) + _figure_sections(doc) + _files(doc)
+    write_text(os.path.join(out, "report.md"), "\n".join(lines))
+
+
+def _head(doc: dict[str, Any], labels: tuple[str, str]) -> list[str]:
+    s, (a, b) = doc["settings"], labels
     n_examples = doc["1d"][0]["settings"]["n_examples"]
-    grid = doc["2d"][0]["settings"]["points"]
-    lines = [
+    return [
         f"# {a} vs {b}: sharpness and loss landscapes",
         "",
         f"- A = {a}: `{doc['checkpoints'][0]}`",
@@ -64,17 +74,20 @@ def write_report(
         f"each {s['directions']}-normalized against its own model (Li et al. 2018)",
         "",
     ]
-    if "training" in doc:
-        lines += ["## Training", ""]
-        for label, run in zip(labels, doc["training"].values(), strict=True):
-            m = run["metrics"]
-            lines.append(
-                f"- {label}: `{run['command']}` ({run['seconds']:.0f} s): train loss "
-                f"{m['train_eval_loss']:.4g}, test accuracy {m['test_accuracy']:.2%}"
-            )
-        lines.append("")
-    if measured:
-        lines += ["## Measurements", "", "```", format_table(measured, list(labels)), "```", ""]
+
+
+def _training(doc: dict[str, Any], labels: tuple[str, str]) -> list[str]:
+    lines = ["## Training", ""]
+    for label, run in zip(labels, doc["training"].values(), strict=True):
+        m = run["metrics"]
+        lines.append(
+            f"- {label}: `{run['command']}` ({run['seconds']:.0f} s): train loss "
+            f"{m['train_eval_loss']:.4g}, test accuracy {m['test_accuracy']:.2%}"
+        )
+    return [*lines, ""]
+
+
+def _landscape_numbers(doc: dict[str, Any], labels: tuple[str, str]) -> list[str]:
     rows = [
         ("loss at the minimum", "centre_loss", "1d"),
         ("1-D: mean loss rise over the range", "mean_rise", "1d"),
@@ -82,15 +95,27 @@ def write_report(
         ("2-D: mean loss rise over the plane", "mean_rise", "2d"),
         ("2-D: max loss over the plane", "max_loss", "2d"),
     ]
-    lines += ["## Landscape numbers", "", f"| | {a} | {b} |", "| --- | ---: | ---: |"]
+    lines = [
+        "## Landscape numbers",
+        "",
+        f"| | {labels[0]} | {labels[1]} |",
+        "| --- | ---: | ---: |",
+    ]
     for name, key, dim in rows:
         values = [f"{entry['summary'][key]:.4g}" for entry in doc[dim]]
         lines.append(f"| {name} | {values[0]} | {values[1]} |")
     barrier = doc["interpolation"]["barrier"]
-    lines += [
+    return [
+        *lines,
         "",
         f"Interpolation barrier A → B (max over t in [0, 1] of L(t) minus the chord; "
         f"Frankle et al. 2020): {barrier['value']:.4g} at t = {barrier['t']:.3g}.",
+    ]
+
+
+def _figure_sections(doc: dict[str, Any]) -> list[str]:
+    s, grid = doc["settings"], doc["2d"][0]["settings"]["points"]
+    lines = [
         "",
         "## Interpolation",
         "",
@@ -125,8 +150,12 @@ def write_report(
             f"The grid is {grid[0]} x {grid[1]}, coarser than Li et al.'s 51 x 51, to keep "
             "the run short; `--points-2d 51` gives the paper's resolution.",
         ]
+    return lines
+
+
+def _files(doc: dict[str, Any]) -> list[str]:
     times = ", ".join(f"{name} {value:.1f} s" for name, value in doc["seconds"].items())
-    lines += [
+    return [
         "",
         "## Files",
         "",
@@ -142,7 +171,6 @@ def write_report(
         f"Time: {times}.",
         "",
     ]
-    write_text(os.path.join(out, "report.md"), "\n".join(lines))
 
 
 def _plot_commands(doc: dict[str, Any]) -> list[str]:

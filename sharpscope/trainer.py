@@ -123,6 +123,24 @@ def _to_cpu(obj: Any) -> Any:
 
 
 # -- the trainer ----------------------------------------------------------------------------
+def make_optimizer(c: TrainConfig, params) -> torch.optim.Optimizer:
+    """SGD, SAM or GSAM over ``params`` with the options of ``c`` (heavy-ball or Nesterov
+    momentum, weight decay in the base optimizer unless it goes in the loss)."""
+    base = {
+        "lr": c.lr,
+        "momentum": c.momentum,
+        "nesterov": c.nesterov,
+        # In "loss" mode the decay is added to each pass's gradient instead (_backward).
+        "weight_decay": c.weight_decay if c.weight_decay_mode == "optimizer" else 0.0,
+    }
+    if c.optimizer == "sgd":
+        return torch.optim.SGD(params, **base)
+    sam = {"rho": c.rho, "p": c.sam_p, "adaptive": c.adaptive, "eta": c.eta}
+    if c.optimizer == "sam":
+        return SAM(params, torch.optim.SGD, **sam, **base)
+    return GSAM(params, torch.optim.SGD, **sam, alpha=c.gsam_alpha, **base)
+
+
 class Trainer:
     """Model, optimizer and data of one run, and the optimization step.
 
@@ -188,26 +206,9 @@ class Trainer:
                 self.model, device_ids=[device] if device.type == "cuda" else None
             )
         self.net: nn.Module = self.ddp if self.ddp is not None else self.model
-        base_kwargs: dict[str, Any] = {
-            "lr": c.lr,
-            "momentum": c.momentum,
-            "nesterov": c.nesterov,
-            # In "loss" mode the decay is added to each pass's gradient instead (_backward).
-            "weight_decay": c.weight_decay if c.weight_decay_mode == "optimizer" else 0.0,
-        }
-        params = self.model.parameters()
-        sam_kwargs = {"rho": c.rho, "p": c.sam_p, "adaptive": c.adaptive, "eta": c.eta}
-        if c.optimizer == "sgd":
-            self.optimizer: torch.optim.Optimizer = torch.optim.SGD(params, **base_kwargs)
-            self.base = self.optimizer
-        elif c.optimizer == "sam":
-            self.optimizer = SAM(params, torch.optim.SGD, **sam_kwargs, **base_kwargs)
-            self.base = self.optimizer.base_optimizer
-        else:
-            self.optimizer = GSAM(
-                params, torch.optim.SGD, **sam_kwargs, alpha=c.gsam_alpha, **base_kwargs
-            )
-            self.base = self.optimizer.base_optimizer
+        self.optimizer = make_optimizer(c, self.model.parameters())
+        # The optimizer that steps (SAM and GSAM wrap one; SGD is its own).
+        self.base = getattr(self.optimizer, "base_optimizer", self.optimizer)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.scaler = torch.amp.GradScaler(device.type) if c.amp == "fp16" else None
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(c.amp)

@@ -35,6 +35,8 @@ from .common import (
 )
 
 
+# One add_argument per option, in the order --help lists them: long, but a list to read
+# down, not logic (splitting it would scatter the options of one command).
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "measure",

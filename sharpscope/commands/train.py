@@ -81,6 +81,8 @@ def _p_norm(text: str) -> float | str:
     return value
 
 
+# One add_argument per option, in the order --help lists them: long, but a list to read
+# down, not logic (splitting it would scatter the options of one command).
 def register(subparsers: Any) -> None:
     d = _DEFAULTS
     p = subparsers.add_parser(
