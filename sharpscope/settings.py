@@ -27,14 +27,13 @@ from .directions import DIRECTIONS, NORMALIZATIONS
 from .errors import SharpscopeError
 from .grid import DISTRIBUTE, check_grid_points
 from .hessian import check_eigenvalue_options, check_trace_samples
-from .objective import PARAM_FILTERS, ParamFilter
+from .objective import DEFAULT_BATCH_SIZE, PARAM_FILTERS, ParamFilter
 from .sharpness import check_average_samples, check_sharpness_options
 
 SPLITS = ("train", "test")
 # 1024 fixed examples (or all if fewer): a top eigenvalue from a batch of 128 can be 10x
 # off (PyHessian issue 5; stable near 4096), and 1024 keeps a CPU measurement in seconds.
 DEFAULT_SAMPLES = 1024
-DEFAULT_BATCH_SIZE = 512  # examples per forward pass; no effect on the numbers
 DEFAULT_RHOS = (0.05,)  # SAM's default radius (Foret et al. 2021)
 DEFAULT_STEPS = 20  # APGD steps (Andriushchenko et al. 2023, Sec. 3)
 DEFAULT_AVERAGE_SAMPLES = 100  # Monte Carlo draws (Andriushchenko et al. 2023's code)
