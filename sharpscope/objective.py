@@ -95,10 +95,18 @@ class Layout:
         return cls(tuple(names), shapes, tuple(offsets), total)
 
     def unflatten(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Views of flat ``w`` (shape (numel,)) with each parameter's shape."""
+        """Views of flat ``w`` (shape (numel,)) with each parameter's shape.
+
+        One ``torch.split`` rather than a slice per parameter: the backward of a slice
+        allocates a zero tensor the size of ``w`` for each parameter, so a gradient through
+        per-parameter slices costs O(tensors x parameters) (a ResNet-18 HVP 6x slower);
+        split's backward concatenates once. The numbers are the same.
+        """
+        sizes = [s.numel() for s in self.shapes]
+        pieces = torch.split(w, sizes)
         return {
-            n: w[o : o + s.numel()].view(s)
-            for n, s, o in zip(self.names, self.shapes, self.offsets, strict=True)
+            n: piece.view(s)
+            for n, s, piece in zip(self.names, self.shapes, pieces, strict=True)
         }
 
     def flatten(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
