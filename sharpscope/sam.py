@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -122,6 +123,73 @@ def bn_running_stats_frozen(model: nn.Module) -> Iterator[None]:
             m.track_running_stats = True
 
 
+# What the errors about GradScaler misuse point to (see SAM's docstring).
+SCALED_STEP_PATTERN = (
+    "with a GradScaler, run each SAM step as: scaler.scale(loss).backward(); "
+    "sam.first_step(zero_grad=True, scaler=scaler); scaler.scale(loss at w + eps).backward(); "
+    "[scaler.unscale_(sam); clip the gradient]; scaler.step(sam); scaler.update() "
+    "-- or sam.step(closure, scaler=scaler); scaler.update(), with a closure that calls "
+    "scaler.scale(loss).backward()"
+)
+
+
+def _stage(scaler: Any, optimizer: object) -> str | None:
+    """GradScaler's stage for ``optimizer`` this iteration ("READY", "UNSCALED",
+    "STEPPED"), or None where the scaler does not expose it."""
+    states = getattr(scaler, "_per_optimizer_states", None)
+    if not isinstance(states, dict):
+        return None
+    state = states.get(id(optimizer))
+    if state is None:
+        return "READY"
+    return getattr(state.get("stage"), "name", None)
+
+
+def _nonfinite(scaler: Any, optimizer: object, params: list[torch.Tensor]) -> torch.Tensor:
+    """0-dim bool tensor, no sync: did ``scaler.unscale_(optimizer)`` find an inf/NaN?
+
+    Read from the scaler's own record (what ``scaler.update()`` backs off on); where
+    the scaler does not expose it, checked on the gradients of ``params`` directly.
+    """
+    try:
+        found = scaler._per_optimizer_states[id(optimizer)]["found_inf_per_device"]
+        flags = [f.reshape(()) > 0 for f in found.values()]
+    except (AttributeError, KeyError, TypeError):
+        flags = [~torch.isfinite(p.grad).all() for p in params if p.grad is not None]
+    if not flags:
+        return torch.zeros((), dtype=torch.bool)
+    device = flags[0].device
+    return torch.stack([f.to(device) for f in flags]).any()
+
+
+class _FirstPassGradients:
+    """Stands for a SAM optimizer in GradScaler's per-optimizer bookkeeping while the
+    gradient at w is unscaled (``unscale_`` reads only ``param_groups``).
+
+    GradScaler unscales each optimizer's gradients once per iteration; a SAM step has
+    two gradients to unscale. The first is unscaled under this key, the second under
+    the SAM object itself, so ``scaler.unscale_(sam)`` (to clip) and
+    ``scaler.step(sam)`` keep their usual meaning, and ``scaler.update()`` backs off if
+    either pass was non-finite.
+    """
+
+    def __init__(self, sam: SAM):
+        self._sam = sam
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self._sam.param_groups
+
+
+@dataclass
+class _ScaledStep:
+    """A SAM step begun by ``first_step(scaler=...)``."""
+
+    scaler: Any
+    first_bad: torch.Tensor | None  # gradient at w non-finite; None: scaler disabled
+    restored: bool = False  # back at w, the second gradient unscaled
+
+
 class SAM(torch.optim.Optimizer):
     """Sharpness-aware minimization around any base optimizer (Foret et al. 2021).
 
@@ -147,6 +215,26 @@ class SAM(torch.optim.Optimizer):
 
     or ``opt.step(closure)`` after the first backward, with ``closure`` doing the second.
 
+    With a ``torch.amp.GradScaler`` both gradients must be unscaled, and a step with a
+    non-finite gradient in either pass skipped; give the scaler to ``first_step``::
+
+        scaler.scale(loss_fn(model(x), y)).backward()     # (micro-batches accumulate)
+        opt.first_step(zero_grad=True, scaler=scaler)     # unscales the gradient at w
+        with bn_running_stats_frozen(model):
+            scaler.scale(loss_fn(model(x), y)).backward()
+        scaler.unscale_(opt)                              # only to clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+        scaler.step(opt)                                  # or opt.second_step(zero_grad=True)
+        scaler.update()
+
+    ``first_step`` stays at w if the gradient at w is not finite; the last call returns
+    to w and lets the base optimizer step unless either gradient was non-finite, and
+    ``scaler.update()`` then backs off. ``opt.step(closure, scaler=scaler)`` does the
+    same with a closure (which calls ``scaler.scale(loss).backward()``). Any other
+    use of the scaler with SAM raises (``scaler.step(opt, closure)`` would leave
+    the gradient at w + eps scaled), naming this pattern; with a scaler, ``unperturb``
+    also unscales the second gradient. A disabled scaler gives the plain SAM step.
+
     Under DistributedDataParallel the first backward leaves the gradient averaged over
     the processes in ``.grad``, so every process climbs to the same w + eps (one eps for
     the global batch). For each process's own eps (m-sharpness with m the per-process
@@ -155,6 +243,11 @@ class SAM(torch.optim.Optimizer):
     all-reduces, so wrapping only ``backward()`` still all-reduces (davda54/sam issue
     78). The second pass is then all-reduced as usual.
     """
+
+    # GradScaler.step(opt) then calls opt.step() itself, unscaling nothing and skipping
+    # nothing: SAM restores w whatever the gradients are, and refuses what it cannot
+    # do right (see step()).
+    _step_supports_amp_scaling = True
 
     def __init__(
         self,
@@ -186,6 +279,9 @@ class SAM(torch.optim.Optimizer):
         self.defaults.update(self.base_optimizer.defaults)
         # The saved weights w during a SAM step (not state: never checkpointed).
         self._saved: dict[torch.Tensor, torch.Tensor] = {}
+        # The step begun by first_step(scaler=...), until second_step.
+        self._scaled: _ScaledStep | None = None
+        self._first_pass_key = _FirstPassGradients(self)
 
     # -- the two half steps -------------------------------------------------------
     def _params_with_grad(self) -> list[tuple[dict[str, Any], torch.Tensor]]:
@@ -213,15 +309,51 @@ class SAM(torch.optim.Optimizer):
         return eps
 
     @torch.no_grad()
-    def first_step(self, zero_grad: bool = False) -> None:
-        """Move to w + eps, saving w; eps from the current gradients (those at w)."""
-        if self._saved:
-            raise RuntimeError("first_step called twice without second_step or unperturb")
+    def first_step(self, zero_grad: bool = False, scaler: Any = None) -> None:
+        """Move to w + eps, saving w; eps from the current gradients (those at w).
+
+        ``scaler``: the ``torch.amp.GradScaler`` that scaled them. They are then unscaled
+        here (do not call ``scaler.unscale_(opt)`` before), and w is kept (eps = 0) if
+        they are not finite; finish the step with ``scaler.step(opt)`` or
+        ``second_step()``, which skip the base step in that case.
+        """
+        if self._saved or self._scaled is not None:
+            raise RuntimeError(
+                "first_step called twice without second_step or unperturb"
+                if self._scaled is None
+                else "first_step called before the last scaled step was finished with "
+                "scaler.step(opt) or opt.second_step(); " + SCALED_STEP_PATTERN
+            )
+        first_bad = None
+        if scaler is not None and scaler.is_enabled():
+            if _stage(scaler, self) not in ("READY", None):
+                raise RuntimeError(
+                    "first_step(scaler=scaler) unscales the gradient at w itself, but "
+                    "scaler.unscale_(opt) or scaler.step(opt) already ran this iteration; "
+                    "call scaler.unscale_(opt) only after the second backward, and "
+                    "scaler.update() after every step; " + SCALED_STEP_PATTERN
+                )
+            if _stage(scaler, self._first_pass_key) not in ("READY", None):
+                raise RuntimeError(
+                    "scaler.update() was not called after the last SAM step; " + SCALED_STEP_PATTERN
+                )
+            scaler.unscale_(self._first_pass_key)
+            first_bad = _nonfinite(
+                scaler, self._first_pass_key, [p for _, p in self._params_with_grad()]
+            )
+        self._keep_first_gradient()
         for p, e in self.perturbation().items():
             self._saved[p] = p.detach().clone()
+            if first_bad is not None:  # stay at w, without a sync, if g is not finite
+                e = torch.where(first_bad.to(e.device), 0.0, e)
             p.add_(e)
+        if scaler is not None:
+            self._scaled = _ScaledStep(scaler, first_bad)
         if zero_grad:
             self.zero_grad()
+
+    def _keep_first_gradient(self) -> None:
+        """Called by ``first_step`` with the (unscaled) gradient at w in ``.grad``."""
 
     @torch.no_grad()
     def unperturb(self) -> None:
@@ -229,38 +361,109 @@ class SAM(torch.optim.Optimizer):
 
         Subclasses transform the gradient here (GSAM). Use it instead of
         ``second_step`` to clip or accumulate the gradient before the base step.
+        After ``first_step(scaler=...)`` it also unscales the gradient (unless
+        ``scaler.unscale_(opt)`` did), and the step must still end with
+        ``scaler.step(opt)`` or ``second_step()`` (the base step if all was finite).
         """
+        scaled = self._scaled
+        if scaled is not None and not scaled.restored:
+            if scaled.first_bad is not None and _stage(scaled.scaler, self) in ("READY", None):
+                scaled.scaler.unscale_(self)
+            scaled.restored = True
         for p, w in self._saved.items():
             p.copy_(w)
         self._saved.clear()
 
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False) -> None:
-        """Return to w and let the base optimizer step with the gradient at w + eps."""
+        """Return to w and let the base optimizer step with the gradient at w + eps.
+
+        After ``first_step(scaler=...)``: the gradient is unscaled first (unless
+        ``scaler.unscale_(opt)`` did), and the base step is skipped if the gradient in
+        either pass was not finite (call ``scaler.update()`` after).
+        """
+        scaled = self._scaled
         self.unperturb()
-        self.base_optimizer.step()
+        self._scaled = None
+        if scaled is None or scaled.first_bad is None:
+            self.base_optimizer.step()
+        else:
+            params = [p for _, p in self._params_with_grad()]
+            bad = scaled.first_bad | _nonfinite(scaled.scaler, self, params).to(
+                scaled.first_bad.device
+            )
+            if not bool(bad):  # one sync, as in GradScaler.step
+                self.base_optimizer.step()
         # What a learning-rate scheduler's step-call check looks for: the descent step
         # happened even if the user never called step() itself.
         self._opt_called = True
         if zero_grad:
             self.zero_grad()
 
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+    def step(  # type: ignore[override]
+        self, closure: Callable[[], Any] | None = None, *, scaler: Any = None
+    ) -> Any:
         """One SAM step; the gradients at w must already be in ``.grad``.
 
         ``closure`` recomputes the loss and calls ``backward()`` (it runs with
-        gradients enabled, at w + eps); its return value is returned.
+        gradients enabled, at w + eps); its return value is returned. With
+        ``scaler`` (a GradScaler, which scaled the gradients at w), the closure must
+        call ``scaler.scale(loss).backward()``; call ``scaler.update()`` after.
+
+        Without a closure it finishes a step begun by ``first_step(scaler=...)``: what
+        ``scaler.step(opt)`` calls.
         """
+        if getattr(self, "found_inf", None) is not None:  # set by GradScaler.step(opt, ...)
+            return self._step_for_grad_scaler(closure)
         if closure is None:
+            if self._scaled is not None:
+                self.second_step()
+                return None
             raise ValueError(
                 "SAM needs a closure that recomputes the loss and calls backward(); "
                 "or call first_step() and second_step() yourself"
             )
-        self.first_step(zero_grad=True)
+        self.first_step(zero_grad=True, scaler=scaler)
         with torch.enable_grad():
             loss = closure()
         self.second_step()
         return loss
+
+    def _step_for_grad_scaler(self, closure: Callable[[], Any] | None) -> Any:
+        """``scaler.step(opt, *args)``: finish a step begun by ``first_step(scaler=...)``,
+        or refuse (back at w) what would leave a gradient scaled."""
+        scaled = self._scaled
+        if closure is None and scaled is not None and scaled.first_bad is not None:
+            self.second_step()
+            return None
+        begun = bool(self._saved) or scaled is not None
+        self._abort()
+        # GradScaler deletes these only when step() returns.
+        self.__dict__.pop("grad_scale", None)
+        self.__dict__.pop("found_inf", None)
+        if closure is not None:
+            why = (
+                "scaler.step(opt, closure) is not supported: SAM could not unscale the "
+                "gradient at w + eps the closure makes, nor report it to the scaler if it "
+                "is not finite"
+            )
+        elif begun:
+            why = (
+                "scaler.step(opt) after a first_step without an enabled scaler=: SAM "
+                "cannot tell whether the gradient at w was unscaled (the step was "
+                "abandoned, weights back at w)"
+            )
+        else:
+            why = "scaler.step(opt) only finishes a SAM step begun by first_step(scaler=scaler)"
+        raise RuntimeError(f"{why}; {SCALED_STEP_PATTERN}")
+
+    @torch.no_grad()
+    def _abort(self) -> None:
+        """Back to w, forgetting the step in progress (gradients left as they are)."""
+        for p, w in self._saved.items():
+            p.copy_(w)
+        self._saved.clear()
+        self._scaled = None
 
     # -- groups, schedules, checkpoints ------------------------------------------
     def set_rho(self, rho: float) -> None:
@@ -326,9 +529,12 @@ class GSAM(SAM):
         self._clean: dict[torch.Tensor, torch.Tensor] = {}
 
     @torch.no_grad()
-    def first_step(self, zero_grad: bool = False) -> None:
+    def _keep_first_gradient(self) -> None:
         self._clean = {p: p.grad.detach().clone() for _, p in self._params_with_grad()}
-        super().first_step(zero_grad)
+
+    def _abort(self) -> None:
+        super()._abort()
+        self._clean = {}
 
     @torch.no_grad()
     def unperturb(self) -> None:

@@ -282,3 +282,245 @@ def test_step_without_closure_is_refused(tiny_mlp):
     opt = SAM(tiny_mlp.parameters(), torch.optim.SGD, lr=0.1)
     with pytest.raises(ValueError, match="closure"):
         opt.step()
+
+
+# -- SAM with a torch.amp.GradScaler (a CPU scaler works on float32/float64 gradients) --------
+PATTERN = r"sam\.first_step\(zero_grad=True, scaler=scaler\)"
+
+
+def _flat(model: nn.Module) -> torch.Tensor:
+    return torch.nn.utils.parameters_to_vector(model.parameters()).detach().clone()
+
+
+def _scaled_sam_step(
+    model, data, opt: SAM, scaler, finish: str = "scaler.step", poison=None, seen=None
+):
+    """The documented pattern; ``poison`` ("first"/"second") puts an inf in one gradient;
+    ``seen`` collects the weights each pass ran at."""
+
+    def backward(which: str) -> None:
+        if seen is not None:
+            seen.append(_flat(model))
+        scaler.scale(_loss(model, data)).backward()
+        if poison == which:
+            next(model.parameters()).grad.view(-1)[0] = math.inf
+
+    opt.zero_grad()
+    backward("first")
+    if finish == "step(closure)":
+        opt.step(lambda: backward("second"), scaler=scaler)
+    else:
+        opt.first_step(zero_grad=True, scaler=scaler)
+        backward("second")
+        if finish == "scaler.step":
+            scaler.step(opt)
+        elif finish == "unperturb+scaler.step":
+            opt.unperturb()
+            scaler.step(opt)
+        else:
+            opt.second_step()
+    scaler.update()
+    opt.zero_grad()
+
+
+FINISHES = ["scaler.step", "second_step", "unperturb+scaler.step", "step(closure)"]
+
+
+@pytest.mark.parametrize("finish", FINISHES)
+@pytest.mark.parametrize("cls", [SAM, GSAM])
+def test_scaled_step_equals_the_unscaled_step(tiny_mlp, tiny_data, cls, finish):
+    a, b = tiny_mlp, copy.deepcopy(tiny_mlp)
+    kwargs = {"rho": 0.2, "lr": 0.1, "momentum": 0.9}
+    plain, scaled = (
+        cls(a.parameters(), torch.optim.SGD, **kwargs),
+        cls(b.parameters(), torch.optim.SGD, **kwargs),
+    )
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    for _ in range(3):
+        _sam_step(a, tiny_data, plain)
+        _scaled_sam_step(b, tiny_data, scaled, scaler, finish)
+    # The scale is a power of two: scaling and unscaling are exact.
+    torch.testing.assert_close(_flat(b), _flat(a), rtol=1e-12, atol=0)
+    assert scaler.get_scale() == 2.0**16  # no pass was non-finite
+
+
+def test_scaled_step_of_a_float32_model_matches_the_float32_step(tiny_mlp, tiny_data):
+    a = tiny_mlp.float()
+    b = copy.deepcopy(a)
+    data = (tiny_data[0].float(), tiny_data[1])
+    w = _flat(a)
+    plain = SAM(a.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)
+    scaled = SAM(b.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)
+    _sam_step(a, data, plain)
+    _scaled_sam_step(b, data, scaled, torch.amp.GradScaler("cpu", init_scale=2.0**24))
+    torch.testing.assert_close(_flat(b) - w, _flat(a) - w, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("finish", FINISHES)
+@pytest.mark.parametrize("poison", ["first", "second"])
+def test_a_non_finite_gradient_skips_the_whole_step_and_backs_off(
+    tiny_mlp, tiny_data, poison, finish
+):
+    model = tiny_mlp
+    w = _flat(model)
+    opt = GSAM(model.parameters(), torch.optim.SGD, rho=0.2, lr=0.1, momentum=0.9)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    seen = []
+    _scaled_sam_step(model, tiny_data, opt, scaler, finish, poison=poison, seen=seen)
+    assert torch.equal(_flat(model), w)  # back at w, no base step
+    assert not opt.state  # no momentum buffer: the base optimizer never stepped
+    assert scaler.get_scale() == 2.0**15
+    if poison == "first":  # eps = 0: the second pass ran at w, not at a NaN point
+        assert torch.equal(seen[1], w)
+
+    # The next step runs normally, at the reduced scale.
+    ref = copy.deepcopy(model)
+    _sam_step(ref, tiny_data, GSAM(ref.parameters(), torch.optim.SGD, rho=0.2, lr=0.1))
+    opt2 = GSAM(model.parameters(), torch.optim.SGD, rho=0.2, lr=0.1)
+    _scaled_sam_step(model, tiny_data, opt2, scaler, finish)
+    torch.testing.assert_close(_flat(model), _flat(ref), rtol=1e-12, atol=0)
+
+
+def test_scaler_step_with_a_closure_is_refused_at_w(tiny_mlp, tiny_data):
+    # Was silently wrong: the gradient at w + eps stayed scaled (an update ~1e5 too large).
+    opt = SAM(tiny_mlp.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    w = _flat(tiny_mlp)
+    calls = []
+    scaler.scale(_loss(tiny_mlp, tiny_data)).backward()
+    with pytest.raises(RuntimeError, match=r"scaler\.step\(opt, closure\).*" + PATTERN):
+        scaler.step(opt, lambda: calls.append(1))
+    assert not calls and torch.equal(_flat(tiny_mlp), w)
+    assert not hasattr(opt, "found_inf") and not hasattr(opt, "grad_scale")
+
+
+def _misuse_no_first_step(model, data, opt, scaler):
+    scaler.scale(_loss(model, data)).backward()
+    scaler.step(opt)
+
+
+def _misuse_first_step_without_scaler(model, data, opt, scaler):
+    scaler.scale(_loss(model, data)).backward()
+    scaler.unscale_(opt)
+    opt.first_step(zero_grad=True)
+    scaler.scale(_loss(model, data)).backward()
+    scaler.step(opt)  # the gradient at w + eps is scaled, and SAM was never told by what
+
+
+def _misuse_unscale_before_first_step(model, data, opt, scaler):
+    scaler.scale(_loss(model, data)).backward()
+    scaler.unscale_(opt)
+    opt.first_step(zero_grad=True, scaler=scaler)
+
+
+def _misuse_no_update(model, data, opt, scaler):
+    scaler.scale(_loss(model, data)).backward()
+    opt.first_step(zero_grad=True, scaler=scaler)
+    scaler.scale(_loss(model, data)).backward()
+    scaler.step(opt)
+    opt.zero_grad()
+    scaler.scale(_loss(model, data)).backward()
+    opt.first_step(zero_grad=True, scaler=scaler)
+
+
+def _misuse_unfinished(model, data, opt, scaler):
+    scaler.scale(_loss(model, data)).backward()
+    opt.first_step(zero_grad=True, scaler=scaler)
+    scaler.scale(_loss(model, data)).backward()
+    opt.unperturb()
+    opt.base_optimizer.step()  # bypasses the inf check
+    scaler.update()
+    opt.zero_grad()
+    scaler.scale(_loss(model, data)).backward()
+    opt.first_step(zero_grad=True, scaler=scaler)
+
+
+@pytest.mark.parametrize(
+    "misuse, match",
+    [
+        (_misuse_no_first_step, "only finishes"),
+        (_misuse_first_step_without_scaler, "without an enabled scaler"),
+        (_misuse_unscale_before_first_step, "already ran"),
+        (_misuse_no_update, r"scaler\.update\(\) after every step"),
+        (_misuse_unfinished, "before the last scaled step was finished"),
+    ],
+    ids=["no-first-step", "first-step-without-scaler", "unscale-first", "no-update", "unfinished"],
+)
+def test_misuse_with_a_scaler_raises_naming_the_pattern(tiny_mlp, tiny_data, misuse, match):
+    opt = SAM(tiny_mlp.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    with pytest.raises(RuntimeError, match=match + ".*" + PATTERN):
+        misuse(tiny_mlp, tiny_data, opt, scaler)
+    if misuse is _misuse_first_step_without_scaler:
+        assert not opt._saved  # abandoned, back at w
+
+
+def test_documented_pattern_with_accumulation_and_clipping_matches_a_reference(tiny_mlp, tiny_data):
+    model, (x, y) = tiny_mlp, tiny_data
+    rho, lr, max_norm = 0.1, 0.5, 0.05
+    w = _flat(model)
+    g = _flat_grad(model, tiny_data, w)
+    g2 = _flat_grad(model, tiny_data, w + rho * g / (g.norm() + 1e-12))
+    assert g2.norm() > 2 * max_norm  # the clip is active
+    expected = w - lr * g2 * (max_norm / (g2.norm() + 1e-6))  # clip_grad_norm_'s formula
+
+    optimizer = SAM(model.parameters(), torch.optim.SGD, rho=rho, lr=lr)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    micro_batches = [(x[i : i + 8], y[i : i + 8]) for i in range(0, len(y), 8)]  # 8, 8, 7
+
+    def accumulate(micro_batches):
+        for xb, yb in micro_batches:
+            loss = nn.functional.cross_entropy(model(xb), yb) * len(yb) / len(y)
+            scaler.scale(loss).backward()
+
+    optimizer.zero_grad()
+    accumulate(micro_batches)
+    optimizer.first_step(zero_grad=True, scaler=scaler)
+    with bn_running_stats_frozen(model):
+        accumulate(micro_batches)
+    scaler.unscale_(optimizer)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=max_norm)
+    scaler.step(optimizer)
+    scaler.update()
+    torch.testing.assert_close(_flat(model), expected, rtol=1e-12, atol=1e-14)
+
+
+def test_a_disabled_scaler_gives_the_plain_step(tiny_mlp, tiny_data):
+    a, b = tiny_mlp, copy.deepcopy(tiny_mlp)
+    plain = SAM(a.parameters(), torch.optim.SGD, rho=0.2, lr=0.1, momentum=0.9)
+    off = SAM(b.parameters(), torch.optim.SGD, rho=0.2, lr=0.1, momentum=0.9)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    for finish in FINISHES:
+        _sam_step(a, tiny_data, plain)
+        _scaled_sam_step(b, tiny_data, off, scaler, finish)
+    assert torch.equal(_flat(a), _flat(b))
+
+
+def test_fp16_autocast_step_matches_the_float32_step_at_fp16_tolerance():
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
+    x, y = torch.randn(64, 8), torch.randint(4, (64,))
+    try:
+        with torch.autocast("cpu", dtype=torch.float16):
+            assert model(x).dtype == torch.float16
+    except (RuntimeError, AssertionError) as e:
+        pytest.skip(f"no float16 autocast on this CPU build: {e}")
+    a, b = model, copy.deepcopy(model)
+    w = _flat(a)
+    plain = SAM(a.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)
+    _sam_step(a, (x, y), plain)
+
+    def loss16():
+        with torch.autocast("cpu", dtype=torch.float16):
+            return nn.functional.cross_entropy(b(x), y)
+
+    scaled = SAM(b.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    scaler.scale(loss16()).backward()
+    scaled.first_step(zero_grad=True, scaler=scaler)
+    scaler.scale(loss16()).backward()
+    scaler.step(scaled)
+    scaler.update()
+    d32, d16 = _flat(a) - w, _flat(b) - w
+    assert d16.norm() == pytest.approx(d32.norm().item(), rel=1e-2)
+    torch.testing.assert_close(d16, d32, rtol=2e-2, atol=2e-3 * d32.abs().max().item())
