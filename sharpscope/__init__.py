@@ -4,6 +4,7 @@ Train with SAM or SGD, measure worst-case sharpness and Hessian spectra, and dra
 loss landscapes, all as functions of one objective L(w) (see docs/design.md).
 """
 
+from . import losses
 from .checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from .compare import compare_checkpoints
 from .data import Dataset, load_dataset
@@ -12,7 +13,7 @@ from .directions import random_direction
 from .errors import SharpscopeError
 from .grid import interpolation, surface_1d, surface_2d
 from .hessian import hessian_density, hessian_eigenvalues, hessian_trace
-from .landscape import interpolation_for_checkpoints, landscape_for_checkpoint
+from .landscape import interpolation_for_checkpoints, landscape, landscape_for_checkpoint
 from .measure import format_table, measure, measure_checkpoint
 from .models import build_model, model_spec
 from .objective import Objective
@@ -25,6 +26,7 @@ from .train import TrainConfig, train
 __version__ = "0.1.0"
 
 __all__ = [
+    "losses",
     "GSAM",
     "SAM",
     "TrainConfig",
@@ -41,6 +43,7 @@ __all__ = [
     "Surface",
     "interpolation",
     "interpolation_for_checkpoints",
+    "landscape",
     "landscape_for_checkpoint",
     "load_surface",
     "random_direction",

@@ -21,6 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import distributed
+from .batches import make_source, to_device
 from .directions import _check_same_architecture
 from .errors import SharpscopeError
 from .objective import Objective, ParamFilter, make_objective, model_fits_data
@@ -127,14 +128,16 @@ class BatchNormRecalibrator:
     mode. Done on one private copy of the model, never on the user's.
     """
 
-    def __init__(self, objective: Objective, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]):
+    def __init__(self, objective: Objective, batches: Any):
         self.objective = objective
         self.model = copy.deepcopy(objective.model).to(objective.device)
         self.norms = [
             m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
         ]
-        self.batches = [(x.to(objective.device), y) for x, y in batches]
-        if not self.batches:
+        # The training batches: data in any form an Objective takes, passed over with
+        # the objective's own loss form (the loss itself is not used).
+        self.source = make_source(batches, objective.source_batch_size, objective.examples_in)
+        if self.source.examples == 0 or self.source.n_batches == 0:
             raise SharpscopeError("BatchNorm recalibration needs at least one training batch")
 
     def __call__(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -147,8 +150,8 @@ class BatchNormRecalibrator:
                 bn.reset_running_stats()
                 bn.momentum = None
             self.model.train()
-            for x, _ in self.batches:
-                self.model(x)
+            for batch in self.source:
+                self.objective.batch_terms(self.model, to_device(batch, self.objective.device))
         return {n: b.detach().clone() for n, b in self.model.named_buffers()}
 
 
@@ -207,7 +210,8 @@ class PointEvaluator:
             self.objective.evaluate(w, self.recalibrate(w) if self.recalibrate else buffers)
             for w in W
         ]
-        return np.array([r["loss"] for r in results]), np.array([r["accuracy"] for r in results])
+        accuracy = [math.nan if r["accuracy"] is None else r["accuracy"] for r in results]
+        return np.array([r["loss"] for r in results]), np.array(accuracy, dtype=np.float64)
 
 
 def evaluate_points(
@@ -350,6 +354,14 @@ def _coords(values: Sequence[float], name: str) -> np.ndarray:
     return out
 
 
+def _require_objective(objective: Any, name: str) -> None:
+    if not isinstance(objective, Objective):
+        raise SharpscopeError(
+            f"{name} takes an Objective (with its directions); for a model and its data "
+            "call sharpscope.landscape(model, data, dim=...)"
+        )
+
+
 def surface_1d(
     objective: Objective,
     direction: torch.Tensor,
@@ -358,7 +370,7 @@ def surface_1d(
     settings: dict[str, Any] | None = None,
     resume_path: str | None = None,
     batched: bool | None = None,
-    bn_batches: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    bn_batches: Any = None,
     progress: bool = False,
 ) -> Surface:
     """L(w + a d) and accuracy for a in ``coords`` (nx,), w = ``objective.w0``.
@@ -368,6 +380,7 @@ def surface_1d(
     recomputed at every point (:class:`BatchNormRecalibrator`); None keeps the model's
     running statistics (eval mode). ``resume_path``: see :func:`surface_2d`.
     """
+    _require_objective(objective, "surface_1d")
     ca = _coords(coords, "coords")
     d = direction.to(objective.w0)
     surface = _new_surface("1d", ca, None, settings, _fingerprint(objective.w0, d, ca))
@@ -394,7 +407,7 @@ def surface_2d(
     settings: dict[str, Any] | None = None,
     resume_path: str | None = None,
     batched: bool | None = None,
-    bn_batches: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    bn_batches: Any = None,
     progress: bool = False,
 ) -> Surface:
     """L(w + a d1 + b d2) and accuracy on the grid ``coords_b`` x ``coords_a``.
@@ -407,6 +420,7 @@ def surface_2d(
     points, giving the same numbers; the file is removed once the grid is complete.
     ``batched`` and ``bn_batches``: see :func:`surface_1d`.
     """
+    _require_objective(objective, "surface_2d")
     ca, cb = _coords(coords_a, "coords_a"), _coords(coords_b, "coords_b")
     e1, e2 = d1.to(objective.w0), d2.to(objective.w0)
     fingerprint = _fingerprint(objective.w0, e1, e2, ca, cb)
@@ -431,8 +445,10 @@ def interpolation(
     ts: Sequence[float],
     *,
     include_buffers: bool = False,
-    bn_batches: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    bn_batches: Any = None,
     loss_fn: Callable | None = None,
+    batch_loss: Callable | None = None,
+    examples_in: Callable | None = None,
     batch_size: int | None = None,
     device: torch.device | str | None = None,
     param_filter: ParamFilter = "all",
@@ -444,7 +460,8 @@ def interpolation(
 ) -> Surface:
     """L((1 - t) w_A + t w_B) and accuracy for t in ``ts`` (Goodfellow et al. 2015).
 
-    ``data``: (inputs, targets) or batches, as for :class:`Objective`. Computed as
+    ``data``, ``loss_fn`` / ``batch_loss``, ``examples_in``: as for :class:`Objective`
+    (any batches, a DataLoader). Computed as
     (1 - t) w_A + t w_B, so t = 0 and t = 1 give w_A and w_B bit for bit. BatchNorm
     running statistics: model A's at every t by default (only the weights move, as the
     "weights" directions of Li et al.'s code; then the point t = 1 is w_B with A's
@@ -462,6 +479,8 @@ def interpolation(
         model_a,
         data,
         loss_fn,
+        batch_loss=batch_loss,
+        examples_in=examples_in,
         batch_size=batch_size,
         device=device,
         param_filter=param_filter,
@@ -524,7 +543,7 @@ def auto_range(
     start: float = AUTO_START,
     max_doublings: int = AUTO_MAX_DOUBLINGS,
     batched: bool | None = None,
-    bn_batches: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    bn_batches: Any = None,
 ) -> float:
     """The half-width r of a symmetric range whose edges reach ``factor`` x L(w).
 

@@ -161,6 +161,8 @@ def hessian_eigenvalues(
     k: int = 1,
     *,
     loss_fn: Callable | None = None,
+    batch_loss: Callable | None = None,
+    examples_in: Callable | None = None,
     which: str = "largest",
     method: str = "lanczos",
     tol: float = 1e-4,
@@ -176,9 +178,10 @@ def hessian_eigenvalues(
     """The k largest (or smallest, most negative) eigenvalues of the Hessian of L at w.
 
     Args:
-        model: a module (with ``data``: an (inputs, targets) pair or batches) or an
-            :class:`~sharpscope.objective.Objective` (then leave data, loss_fn,
-            param_filter, batch_size and device unset).
+        model: a module (with ``data`` in any form an
+            :class:`~sharpscope.objective.Objective` takes, and ``loss_fn`` or
+            ``batch_loss`` and ``examples_in`` as there) or an Objective (then leave
+            data, the loss, param_filter, batch_size and device unset).
         k: number of eigenvalues, 1 <= k <= number of parameters.
         which: "largest" (largest algebraic, largest first) or "smallest" (most
             negative first).
@@ -200,8 +203,15 @@ def hessian_eigenvalues(
     warning raised) when ``max_iter`` ran out before every pair met tol.
     """
     check_eigenvalue_options(method, which, tol)
+    forms = {"batch_loss": batch_loss, "examples_in": examples_in}
     obj = make_objective(
-        model, data, loss_fn, param_filter=param_filter, batch_size=batch_size, device=device
+        model,
+        data,
+        loss_fn,
+        **forms,
+        param_filter=param_filter,
+        batch_size=batch_size,
+        device=device,
     )
     if not 1 <= k <= obj.numel:
         raise SharpscopeError(
@@ -300,13 +310,18 @@ def _pyhessian_eigenvalues(
         raise SharpscopeError("PyHessian covers every parameter: use param_filter 'all'")
     if obj.distributed:
         raise SharpscopeError("PyHessian does not run under torch.distributed")
+    if obj.batch_loss is not None:
+        raise SharpscopeError(
+            "PyHessian takes (inputs, targets) batches and a loss_fn, not a batch_loss"
+        )
     model = obj.model
     params = [p for p in model.parameters() if p.requires_grad]
     if any(p.device != obj.device for p in params):
         raise SharpscopeError("PyHessian needs the model on the objective's device: move it there")
     modes = [(m, m.training) for m in model.modules()]
     grads = {p: p.grad for p in model.parameters()}
-    single = len(obj.batches) == 1
+    batches = list(obj.batches())  # PyHessian holds its data set itself
+    single = len(batches) == 1
     count = 0
     # PyHessian calls orthnormal(v, found) once per iteration: len(found) tells which
     # eigenvalue the iteration belongs to, so we learn which ones hit maxIter.
@@ -334,7 +349,7 @@ def _pyhessian_eigenvalues(
             # break it by restoring .grad below, so its warning is noise here.
             warnings.filterwarnings("ignore", message=".*reference cycle")
             torch.manual_seed(seed)
-            data = {"data": obj.batches[0]} if single else {"dataloader": obj.batches}
+            data = {"data": batches[0]} if single else {"dataloader": batches}
             h = module.hessian(model, obj.loss_fn, cuda=obj.device.type == "cuda", **data)
             module.orthnormal = counted_orth
             if single:
@@ -374,6 +389,8 @@ def hessian_trace(
     samples: int = 100,
     seed: int = 0,
     loss_fn: Callable | None = None,
+    batch_loss: Callable | None = None,
+    examples_in: Callable | None = None,
     param_filter: Any = "all",
     batch_size: int | None = None,
     device: torch.device | str | None = None,
@@ -389,8 +406,15 @@ def hessian_trace(
     cap for its ``trace`` (``maxIter=100``), without its early stop on a relative change.
     """
     check_trace_samples(samples)
+    forms = {"batch_loss": batch_loss, "examples_in": examples_in}
     obj = make_objective(
-        model, data, loss_fn, param_filter=param_filter, batch_size=batch_size, device=device
+        model,
+        data,
+        loss_fn,
+        **forms,
+        param_filter=param_filter,
+        batch_size=batch_size,
+        device=device,
     )
     obj.check_finite()
     matvec = obj.hvp_operator(cache_graph)
@@ -423,6 +447,8 @@ def hessian_density(
     sigma: float | None = None,
     seed: int = 0,
     loss_fn: Callable | None = None,
+    batch_loss: Callable | None = None,
+    examples_in: Callable | None = None,
     param_filter: Any = "all",
     batch_size: int | None = None,
     device: torch.device | str | None = None,
@@ -449,8 +475,15 @@ def hessian_density(
         raise SharpscopeError("density needs runs >= 1, steps >= 1 and grid_points >= 2")
     if sigma is not None and sigma <= 0:
         raise SharpscopeError(f"sigma must be positive, got {sigma}")
+    forms = {"batch_loss": batch_loss, "examples_in": examples_in}
     obj = make_objective(
-        model, data, loss_fn, param_filter=param_filter, batch_size=batch_size, device=device
+        model,
+        data,
+        loss_fn,
+        **forms,
+        param_filter=param_filter,
+        batch_size=batch_size,
+        device=device,
     )
     obj.check_finite()
     start = obj.hvp_count

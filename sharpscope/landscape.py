@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -114,17 +115,90 @@ def landscape_for_checkpoint(
     keywords, loading = split_keywords(keywords)
     s = settings_from(LandscapeSettings, settings, keywords)
     net, meta, dataset, examples, loss_fn = _load(path, loading, s, device)
-    obj = Objective(
-        net, examples, loss_fn, batch_size=s.batch_size, device=device, param_filter=s.param_filter
-    )
-    obj.check_finite()  # the model takes the data, and its loss is a number
-    bn_batches = _training_batches(dataset, s) if s.bn_recalibrate else None
-    ds, traj, extra = _directions(path, s, obj)
-    (low, high), extra_range = _range(s, obj, ds, traj, bn_batches)
     record = {
         "checkpoint": str(path),
         "label": s.label or _default_label(path, meta),
         "split": s.split,
+        "loss_function": checkpoint_loss(meta, path),
+        "model": meta.get("model"),
+        "data": without_location(meta.get("data")),
+    }
+    bn_batches = _training_batches(dataset, s) if s.bn_recalibrate else None
+    run_dir = s.trajectory or os.path.dirname(os.path.abspath(path))
+    forms = {"loss_fn": loss_fn}
+    return _landscape(
+        net, examples, forms, s, record, bn_batches, run_dir, device, resume_path, progress
+    )
+
+
+def landscape(
+    model: torch.nn.Module,
+    data: Any,
+    settings: LandscapeSettings | None = None,
+    *,
+    loss_fn: Callable | None = None,
+    batch_loss: Callable | None = None,
+    examples_in: Callable | None = None,
+    bn_data: Any = None,
+    device: torch.device | str | None = None,
+    resume_path: str | None = None,
+    progress: bool = False,
+    **keywords: Any,
+) -> Surface:
+    """The 1-D or 2-D loss landscape of ``model`` (in memory) on ``data``.
+
+    The options of :func:`landscape_for_checkpoint` (a
+    :class:`~sharpscope.settings.LandscapeSettings` or its fields as keywords: ``dim``,
+    ``points``, ``range``, ``directions``, ``seed``...), for a model of your own: ``data``
+    in any form an :class:`~sharpscope.objective.Objective` takes (``(inputs, targets)``,
+    a list of batches, a ``DataLoader``), used as given (``split`` and ``samples`` choose
+    a checkpoint's examples and do not apply), with ``loss_fn`` or ``batch_loss`` and
+    ``examples_in`` as there. ``bn_data``: training batches for ``bn_recalibrate``.
+    PCA directions need ``trajectory`` (a run folder with trajectory/ checkpoints).
+    ``device``: default the model's. The model is never modified.
+    """
+    s = settings_from(LandscapeSettings, settings, keywords)
+    if s.bn_recalibrate and bn_data is None:
+        raise SharpscopeError("bn_recalibrate needs bn_data: the training batches to use")
+    if s.directions == "pca" and s.trajectory is None:
+        raise SharpscopeError("PCA directions need trajectory=<run folder>")
+    if device is None:
+        device = next(model.parameters()).device
+    record = {
+        "checkpoint": None,
+        "label": s.label or type(model).__name__,
+        "split": None,
+        "loss_function": _loss_name(loss_fn, batch_loss),
+        "model": {"class": f"{type(model).__module__}.{type(model).__qualname__}"},
+        "data": None,
+    }
+    forms = {"loss_fn": loss_fn, "batch_loss": batch_loss, "examples_in": examples_in}
+    return _landscape(
+        model, data, forms, s, record, bn_data, s.trajectory, device, resume_path, progress
+    )
+
+
+def _loss_name(loss_fn: Callable | None, batch_loss: Callable | None) -> str:
+    if batch_loss is not None:
+        return "batch_loss " + getattr(batch_loss, "__qualname__", type(batch_loss).__name__)
+    if loss_fn is None:
+        return "ce"
+    return getattr(loss_fn, "__qualname__", type(loss_fn).__name__)
+
+
+def _landscape(net, data, forms, s, record, bn_batches, run_dir, device, resume_path, progress):
+    """The surface of ``net`` on ``data`` (``forms``: the Objective's loss keywords) as
+    ``s`` says, its settings ``record`` completed with what the computation found."""
+    obj = Objective(
+        net, data, batch_size=s.batch_size, device=device, param_filter=s.param_filter, **forms
+    )
+    obj.check_finite()  # the model takes the data, and its loss is a number
+    ds, traj, extra = _directions(run_dir, s, obj)
+    (low, high), extra_range = _range(s, obj, ds, traj, bn_batches)
+    record = {
+        "checkpoint": record.pop("checkpoint"),
+        "label": record.pop("label"),
+        "split": record.pop("split"),
         "n_examples": obj.n_examples,
         "seed": s.seed,
         "directions": s.directions,
@@ -139,9 +213,7 @@ def landscape_for_checkpoint(
         "dtype": _dtype_name(obj.w0),
         "n_params": obj.numel,
         "param_filter": obj.param_filter,
-        "loss_function": checkpoint_loss(meta, path),
-        "model": meta.get("model"),
-        "data": without_location(meta.get("data")),
+        **record,
         **_distribution(s.distribute),
         **extra,
         **extra_range,
@@ -150,12 +222,12 @@ def landscape_for_checkpoint(
         # The grid: each rank evaluates its share of the points on all the examples.
         obj = Objective(
             net,
-            examples,
-            loss_fn,
+            data,
             batch_size=s.batch_size,
             device=device,
             param_filter=s.param_filter,
             distributed=False,
+            **forms,
         )
     common = {"settings": record, "resume_path": resume_path, "batched": s.batched}
     common.update(bn_batches=bn_batches, progress=progress)
@@ -172,7 +244,7 @@ def landscape_for_checkpoint(
 
 
 def _directions(
-    path: str, s: LandscapeSettings, obj: Objective
+    run_dir: str | None, s: LandscapeSettings, obj: Objective
 ) -> tuple[list[torch.Tensor], np.ndarray | None, dict[str, Any]]:
     """(the ``s.dim`` directions, the trajectory's path on their plane or None, what the
     settings record about them)."""
@@ -188,7 +260,6 @@ def _directions(
         ds, eigenvalues = hessian_directions(obj, k=s.dim, seed=s.seed)
         extra["hessian_eigenvalues"] = eigenvalues
     else:
-        run_dir = s.trajectory or os.path.dirname(os.path.abspath(path))
         d1, d2, traj, explained = trajectory_directions(run_dir, obj)
         ds = [d1, d2][: s.dim]
         extra["trajectory_dir"] = str(run_dir)

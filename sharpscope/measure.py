@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -30,29 +31,43 @@ from .sharpness import average_sharpness, sharpness
 
 def _objectives(
     model: nn.Module,
-    dataset: Dataset,
+    dataset: Any,
     s: MeasureSettings,
     *,
-    loss: str,
+    loss: str | None,
     device: torch.device | str | None,
+    forms: dict[str, Any] | None = None,
+    test_data: Any = None,
 ) -> dict[str, Objective]:
-    """One objective per split on the same seeded ``s.samples`` examples (data.py)."""
-    loss_fn = get_loss(loss)
+    """One objective per split: of a :class:`Dataset`, on the same seeded ``s.samples``
+    examples of each split (data.py); of other data, ``dataset`` as given for
+    ``s.split`` and ``test_data`` (if any) for the other split. ``forms``: the
+    Objective's loss keywords (loss_fn, batch_loss, examples_in) for other data."""
+    common = {
+        "param_filter": s.param_filter,
+        "batch_size": s.batch_size,
+        "device": device,
+        "accumulate_dtype": torch.float64,  # docs/algorithms.md, pitfalls: small-rho differences
+    }
+    if not isinstance(dataset, Dataset):
+        other = "test" if s.split == "train" else "train"
+        given = {s.split: dataset, other: test_data}
+        forms = dict(forms or {})
+        if forms.get("loss_fn") is None and forms.get("batch_loss") is None:
+            forms["loss_fn"] = get_loss(loss or "ce")
+        return {
+            name: Objective(model, data, **forms, **common)
+            for name, data in given.items()
+            if data is not None
+        }
+    loss_fn = get_loss(loss or "ce")
     dtype = next(model.parameters()).dtype
     objectives = {}
     for name in ("train", "test"):
         x, y = dataset.examples(name, s.samples, seed=s.seed)
         if x.is_floating_point():
             x = x.to(dtype)  # a float64 model is measured in float64
-        objectives[name] = Objective(
-            model,
-            (x, y),
-            loss_fn,
-            param_filter=s.param_filter,
-            batch_size=s.batch_size,
-            device=device,
-            accumulate_dtype=torch.float64,  # docs/algorithms.md, pitfalls: small-rho differences
-        )
+        objectives[name] = Objective(model, (x, y), loss_fn, **common)
     return objectives
 
 
@@ -83,10 +98,14 @@ def check_model(
 
 def measure(
     model: nn.Module,
-    dataset: Dataset,
+    dataset: Any,
     settings: MeasureSettings | None = None,
     *,
-    loss: str = "ce",
+    loss: str | None = None,
+    loss_fn: Callable | None = None,
+    batch_loss: Callable | None = None,
+    examples_in: Callable | None = None,
+    test_data: Any = None,
     device: torch.device | str | None = None,
     progress: bool = False,
     **keywords: Any,
@@ -94,44 +113,68 @@ def measure(
     """Measure ``model`` on ``dataset`` as ``settings`` say (a :class:`MeasureSettings`,
     or the keywords that build one); return the results document (plain JSON values).
 
-    Loss and accuracy are reported on both splits ({"train": ..., "test": ...}, each on
-    ``samples`` examples drawn with ``seed``, all if fewer); worst-case sharpness (one
-    entry per rho, :func:`~sharpscope.sharpness.sharpness`), the optional average-case
-    sharpness, and the Hessian numbers (``hessian.eigenvalues`` largest first with
-    ``hessian.eigenvalue_settings``, optional ``hessian.smallest_eigenvalues``,
-    ``hessian.trace``, optional ``hessian.density``) on ``split``. Every analyzer
-    sees the same examples, in eval mode, summed in float64. The model is not modified
-    (not even moved: ``device`` is where the computation runs, default the model's).
-    "settings" records every setting; non-finite numbers (padding in the density's node
-    table) become None.
+    ``dataset``: a :class:`~sharpscope.data.Dataset` (loss and accuracy on both splits,
+    each on ``samples`` examples drawn with ``seed``, all if fewer; ``loss`` names the
+    loss, "ce" by default), or data in any form an
+    :class:`~sharpscope.objective.Objective` takes (an (inputs, targets) pair, a list of
+    batches, a DataLoader), measured as given and reported as split ``split``, with
+    ``loss`` or ``loss_fn`` or ``batch_loss`` (and ``examples_in``) as there;
+    ``test_data``, in the same form, adds the other split's loss and accuracy. Accuracy
+    is None where it is not defined (regression targets, a ``batch_loss``).
+
+    Worst-case sharpness (one entry per rho, :func:`~sharpscope.sharpness.sharpness`),
+    the optional average-case sharpness, and the Hessian numbers (``hessian.eigenvalues``
+    largest first with ``hessian.eigenvalue_settings``, optional
+    ``hessian.smallest_eigenvalues``, ``hessian.trace``, optional ``hessian.density``)
+    on ``split``. Every analyzer sees the same examples, in eval mode, summed in float64.
+    The model is not modified (not even moved: ``device`` is where the computation
+    runs, default the model's). "settings" records every setting; non-finite numbers
+    (padding in the density's node table) become None.
     """
     s = settings_from(MeasureSettings, settings, keywords)
-    get_loss(loss)  # an unknown loss name, before any work
-    objectives = _objectives(model, dataset, s, loss=loss, device=device)
+    if loss is not None:
+        if loss_fn is not None or batch_loss is not None:
+            raise SharpscopeError("give loss (a name), loss_fn or batch_loss: one of them")
+        get_loss(loss)  # an unknown loss name, before any work
+    forms = {"loss_fn": loss_fn, "batch_loss": batch_loss, "examples_in": examples_in}
+    objectives = _objectives(
+        model, dataset, s, loss=loss, device=device, forms=forms, test_data=test_data
+    )
     obj = objectives[s.split]
     evaluations = {s.split: _check_objective(obj, s.split, s.eigs)}
-    other = "test" if s.split == "train" else "train"
-    evaluations[other] = objectives[other].evaluate()
+    for name, other in objectives.items():
+        if name != s.split:
+            with model_fits_data():
+                evaluations[name] = other.evaluate()
+    splits = ("train", "test")
     doc: dict[str, Any] = {
         "split": s.split,
         "n_examples": obj.n_examples,
         "n_examples_by_split": {k: o.n_examples for k, o in objectives.items()},
         "n_params": obj.numel,
         "param_filter": s.param_filter,
-        "loss_function": loss,
+        "loss_function": _loss_name(loss, loss_fn, batch_loss),
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         "accumulate_dtype": "float64",
         "device": str(obj.device),
         "seed": s.seed,
         "settings": dataclasses.asdict(s),
-        "loss": {k: evaluations[k]["loss"] for k in ("train", "test")},
-        "accuracy": {k: evaluations[k]["accuracy"] for k in ("train", "test")},
+        "loss": {k: evaluations[k]["loss"] for k in splits if k in evaluations},
+        "accuracy": {k: evaluations[k]["accuracy"] for k in splits if k in evaluations},
         "sharpness": _sharpness(obj, s, progress),
     }
     if s.average:
         doc["average_sharpness"] = _average_sharpness(obj, s, progress)
     doc["hessian"] = _hessian(obj, s, progress)
     return json_safe(doc)
+
+
+def _loss_name(loss: str | None, loss_fn: Callable | None, batch_loss: Callable | None) -> str:
+    if batch_loss is not None:
+        return "batch_loss " + getattr(batch_loss, "__qualname__", type(batch_loss).__name__)
+    if loss_fn is not None:
+        return getattr(loss_fn, "__qualname__", type(loss_fn).__name__)
+    return loss or "ce"
 
 
 def _sharpness(obj: Objective, s: MeasureSettings, progress: bool) -> list[dict[str, Any]]:

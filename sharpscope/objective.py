@@ -5,25 +5,32 @@ Every analyzer in sharpscope is a function of one scalar function of the weights
 
     L(w) = sum over batches b of (n_b / n) * mean loss of batch b at weights w
 
-with ``w`` a flat 1-D vector over the selected parameters. The model is evaluated
-in eval mode (BatchNorm uses its running statistics, dropout is off) through
-``torch.func.functional_call``, so the user's module is never written to: its
-parameters, buffers and train/eval flags are the same after every call.
+with ``w`` a flat 1-D vector over the selected parameters and n_b the examples of
+batch b. The model is evaluated in eval mode (BatchNorm uses its running statistics,
+dropout is off) with ``w`` swapped in for its parameters for the duration of a call, as
+``torch.func.functional_call`` does, so the user's module is never written to: its
+parameters, buffers and train/eval flags are the same after every call. Batches may have
+any structure (:mod:`sharpscope.batches`); a ``batch_loss(model, batch)`` hook gives the
+loss of batches that are not ``(inputs, targets)`` pairs.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Iterator
+import functools
+import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.func import functional_call
+from torch.nn.utils.stateless import _reparametrize_module
 
+from .batches import count_examples, make_source, to_device
 from .errors import SharpscopeError, first_line
-from .losses import LossFn, correct_count, cross_entropy
+from .losses import LossFn, class_hits, cross_entropy
 
 _NORM_TYPES = (
     nn.modules.batchnorm._NormBase,
@@ -105,8 +112,7 @@ class Layout:
         sizes = [s.numel() for s in self.shapes]
         pieces = torch.split(w, sizes)
         return {
-            n: piece.view(s)
-            for n, s, piece in zip(self.names, self.shapes, pieces, strict=True)
+            n: piece.view(s) for n, s, piece in zip(self.names, self.shapes, pieces, strict=True)
         }
 
     def flatten(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -139,23 +145,52 @@ def exact_float32() -> Iterator[None]:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
-Batches = tuple[torch.Tensor, torch.Tensor] | Iterable[tuple[torch.Tensor, torch.Tensor]]
+Data = Any  # (inputs, targets) tensors, a dict of tensors, a list of batches, a DataLoader
+BatchLoss = Callable[[nn.Module, Any], torch.Tensor]
+
+
+@contextlib.contextmanager
+def twice_differentiable() -> Iterator[None]:
+    """Run scaled_dot_product_attention by its math kernel for the duration.
+
+    torch's fused attention kernels (flash, memory-efficient, and the CPU flash kernel)
+    have no double backward, so an HVP through a transformer fails with them; the math
+    kernel is plain differentiable operations. Only passes that differentiate twice run
+    under it; values and gradients keep the fast kernels.
+    """
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # torch before 2.3: no fused-kernel switch to make
+        yield
+        return
+    with sdpa_kernel([SDPBackend.MATH]):
+        yield
 
 
 class Objective:
-    """L(w) of ``model`` on fixed ``data`` under ``loss_fn``, over selected parameters.
+    """L(w) of ``model`` on fixed ``data``, over selected parameters.
 
     Args:
         model: any ``nn.Module``; never modified.
-        data: an ``(inputs, targets)`` pair of tensors (split into batches of
-            ``batch_size``) or an iterable of such batches (used as given).
-        loss_fn: ``(outputs, targets) -> mean loss``; cross-entropy by default.
+        data: the examples, passed over once per evaluation (see
+            :mod:`sharpscope.batches`): an ``(inputs, targets)`` pair of tensors or a dict
+            of tensors (cut into batches of ``batch_size``), a list of batches, or any
+            re-iterable such as a ``DataLoader`` (streamed: one batch at a time is moved
+            to the device; a shuffling loader or random augmentation is refused). A
+            batch may be a tuple, a dict, a Hugging Face ``BatchEncoding``...
+        loss_fn: ``(outputs, targets) -> mean loss`` for ``(inputs, targets)`` batches,
+            with ``outputs = model(inputs)``; cross-entropy by default.
+        batch_loss: ``(model, batch) -> mean loss of the batch``, for any batch
+            (e.g. ``lambda m, b: m(**b).loss`` for a Hugging Face model); replaces
+            ``loss_fn``. ``model`` is the user's module, called at the weights being
+            evaluated. Accuracy is then not computed (None).
+        examples_in: ``batch -> number of examples``, the weight of the batch's mean in
+            L; default the first dimension of the batch's first tensor.
         param_filter: which parameters make up ``w`` (see :func:`select_parameters`);
             the others stay fixed at their current values.
-        batch_size: examples per forward pass when ``data`` is a pair; default
+        batch_size: examples per forward pass when ``data`` is held as tensors; default
             DEFAULT_BATCH_SIZE (512).
-        device: where computation runs; default the model's device. Data is moved
-            there once, at construction.
+        device: where computation runs; default the model's device.
         accumulate_dtype: dtype in which batch contributions are summed and vectors
             returned (e.g. ``torch.float64`` for small-rho sharpness); default the
             parameters' dtype.
@@ -172,17 +207,25 @@ class Objective:
     def __init__(
         self,
         model: nn.Module,
-        data: Batches,
+        data: Data,
         loss_fn: LossFn | None = None,
         *,
+        batch_loss: BatchLoss | None = None,
+        examples_in: Callable[[Any], int] | None = None,
         param_filter: ParamFilter = "all",
         batch_size: int | None = None,
         device: torch.device | str | None = None,
         accumulate_dtype: torch.dtype | None = None,
         distributed: bool | None = None,
     ):
+        if batch_loss is not None and loss_fn is not None:
+            raise SharpscopeError("give loss_fn or batch_loss, not both")
+        if batch_loss is not None and not callable(batch_loss):
+            raise SharpscopeError("batch_loss must be a function (model, batch) -> loss")
         self.model = model
-        self.loss_fn = loss_fn if loss_fn is not None else cross_entropy
+        self.loss_fn = loss_fn if loss_fn is not None or batch_loss else cross_entropy
+        self.batch_loss = batch_loss
+        self.examples_in = examples_in or count_examples
         self.param_filter = param_filter if isinstance(param_filter, str) else "custom"
         names = select_parameters(model, param_filter)
         self.layout = Layout.of(model, names)
@@ -198,11 +241,20 @@ class Objective:
         if distributed is None:
             distributed = dist.is_available() and dist.is_initialized()
         self.distributed = bool(distributed) and dist.get_world_size() > 1
-        self.batches = _to_batches(data, batch_size or DEFAULT_BATCH_SIZE, self.device)
-        if self.distributed:
-            rank, world = dist.get_rank(), dist.get_world_size()
-            self.batches = _shard(self.batches, rank, world)
-        self.n_examples = int(self._sum(torch.tensor(sum(len(y) for _, y in self.batches))))
+        rank, world = (dist.get_rank(), dist.get_world_size()) if self.distributed else (0, 1)
+        self.source_batch_size = batch_size or DEFAULT_BATCH_SIZE
+        self.source = make_source(
+            data,
+            self.source_batch_size,
+            self.examples_in,
+            rank=rank,
+            world=world,
+            counted=examples_in is None,
+        )
+        if self.source.total is not None:
+            self.n_examples = self.source.total
+        else:
+            self.n_examples = int(self._sum(torch.tensor(self.source.examples)))
         if self.n_examples == 0:
             raise SharpscopeError("the data set is empty: no examples to evaluate the loss on")
         self.hvp_count = 0
@@ -212,6 +264,16 @@ class Objective:
     def numel(self) -> int:
         """Number of entries of ``w``."""
         return self.layout.numel
+
+    @property
+    def single_batch(self) -> bool:
+        """Whether one pass is one batch held in memory (on this process)."""
+        return self.source.in_memory and self.source.n_batches == 1
+
+    def batches(self) -> Iterator[Any]:
+        """This process's batches, one at a time, moved to :attr:`device`."""
+        for batch in self.source:
+            yield to_device(batch, self.device)
 
     def state(
         self, w: torch.Tensor | None = None, buffers: dict[str, torch.Tensor] | None = None
@@ -227,24 +289,50 @@ class Objective:
             **self.layout.unflatten(self.w0 if w is None else w),
         }
 
-    def forward(
-        self,
-        w: torch.Tensor | None,
-        inputs: torch.Tensor,
-        buffers: dict[str, torch.Tensor] | None = None,
-    ) -> torch.Tensor:
-        """Model outputs at weights ``w`` (eval mode), without touching the module."""
-        with eval_mode(self.model):
-            return functional_call(self.model, self.state(w, buffers), (inputs,))
+    def batch_terms(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(mean loss of ``batch``, number of arg-max hits or None) with ``model`` as it
+        stands: the user's ``batch_loss``, or ``loss_fn(model(inputs), targets)``."""
+        if self.batch_loss is not None:
+            loss = self.batch_loss(model, batch)
+            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                raise SharpscopeError(
+                    "batch_loss must return the batch's mean loss as a one-element tensor, "
+                    f"got {type(loss).__name__}"
+                    + (f" of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else "")
+                )
+            return loss.reshape(()), None
+        if not (isinstance(batch, list | tuple) and len(batch) == 2):
+            raise SharpscopeError(
+                f"a batch of type {type(batch).__name__} is not an (inputs, targets) pair: "
+                "pass batch_loss=(model, batch) -> mean loss for batches of other forms"
+            )
+        x, y = batch
+        out = model(x)
+        return self.loss_fn(out, y), class_hits(out, y)
+
+    def at(self, w: torch.Tensor | None, buffers: dict[str, torch.Tensor] | None = None):
+        """Context in which the user's module computes with weights ``w`` (and
+        ``buffers``), in eval mode; its own tensors and flags are back afterwards."""
+        return _module_at(self.model, self.state(w, buffers))
 
     def _terms(
         self, w: torch.Tensor | None, buffers: dict[str, torch.Tensor] | None = None
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """(outputs, targets, loss weighted by the batch's share of the examples) for
-        every batch at ``w``: the terms whose sum over batches (and ranks) is L(w)."""
-        for x, y in self.batches:
-            out = self.forward(w, x, buffers)
-            yield out, y, self.loss_fn(out, y) * (len(y) / self.n_examples)
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+        """(loss weighted by the batch's share of the examples, hits or None) for every
+        batch at ``w``: the terms whose sum over batches (and ranks) is L(w)."""
+        seen = 0
+        for batch in self.batches():
+            n = self.examples_in(batch)
+            with self.at(w, buffers):
+                loss, hits = self.batch_terms(self.model, batch)
+            seen += n
+            yield loss * (n / self.n_examples), hits
+        expected = self.source.examples
+        if expected is not None and seen != expected:
+            raise SharpscopeError(
+                f"the data gave {seen} examples on this pass and {expected} before: L(w) "
+                "must be one fixed set of examples"
+            )
 
     def value(self, w: torch.Tensor | None = None) -> float:
         """L(w) as a Python float."""
@@ -252,17 +340,23 @@ class Objective:
 
     def evaluate(
         self, w: torch.Tensor | None = None, buffers: dict[str, torch.Tensor] | None = None
-    ) -> dict[str, float]:
+    ) -> dict[str, float | None]:
         """``{"loss": L(w), "accuracy": fraction of arg-max hits}`` (``buffers``: see
-        :meth:`state`)."""
+        :meth:`state`); accuracy is None where it is not defined (a ``batch_loss``,
+        targets that are not class indices)."""
         total = torch.zeros((), dtype=self.accumulate_dtype, device=self.device)
         correct = torch.zeros((), dtype=torch.int64, device=self.device)
+        defined = True
         with torch.no_grad(), exact_float32():
-            for out, y, loss in self._terms(w, buffers):
+            for loss, hits in self._terms(w, buffers):
                 total += loss.to(self.accumulate_dtype)
-                correct += correct_count(out, y)
+                if hits is None:
+                    defined = False
+                else:
+                    correct += hits
         total, correct = self._sum(total), self._sum(correct)
-        return {"loss": total.item(), "accuracy": correct.item() / self.n_examples}
+        accuracy = correct.item() / self.n_examples if defined else None
+        return {"loss": total.item(), "accuracy": accuracy}
 
     def evaluate_many(
         self,
@@ -271,44 +365,51 @@ class Objective:
         chunk: int = 16,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Loss and accuracy at every row of ``weights`` (P, numel), ``chunk`` rows per
-        forward pass with ``torch.func.vmap``: two float64 CPU tensors (P,). The same
-        numbers as :meth:`evaluate` row by row (up to summation order); raises whatever
-        vmap raises for a model it cannot batch."""
+        forward pass with ``torch.func.vmap``: two float64 CPU tensors (P,), accuracy NaN
+        where it is not defined. The same numbers as :meth:`evaluate` row by row (up to
+        summation order); raises whatever vmap raises for a model it cannot batch."""
         fixed = self.state(self.w0, buffers)
         for name in self.layout.names:
             del fixed[name]
+        zero = torch.zeros((), dtype=torch.int64, device=self.device)
+        undefined = []  # whether a batch gave no accuracy (decided while vmap traces)
 
-        def one(w: torch.Tensor, x: torch.Tensor, y: torch.Tensor):
-            out = functional_call(self.model, {**fixed, **self.layout.unflatten(w)}, (x,))
-            return self.loss_fn(out, y), correct_count(out, y)
+        def one(w: torch.Tensor, batch: Any):
+            with _module_at(self.model, {**fixed, **self.layout.unflatten(w)}):
+                loss, hits = self.batch_terms(self.model, batch)
+            undefined.append(hits is None)
+            return loss, zero if hits is None else hits
 
-        run = torch.func.vmap(one, in_dims=(0, None, None))
         losses, accuracies = [], []
-        with torch.no_grad(), exact_float32(), eval_mode(self.model):
+        with torch.no_grad(), exact_float32():
             for start in range(0, len(weights), chunk):
                 W = weights[start : start + chunk]
                 total = torch.zeros(len(W), dtype=self.accumulate_dtype, device=self.device)
                 correct = torch.zeros(len(W), dtype=torch.int64, device=self.device)
-                for x, y in self.batches:
-                    loss, hits = run(W, x, y)
-                    total += loss.to(total.dtype) * (len(y) / self.n_examples)
+                for batch in self.batches():
+                    n = self.examples_in(batch)
+                    loss, hits = torch.func.vmap(functools.partial(one, batch=batch))(W)
+                    total += loss.to(total.dtype) * (n / self.n_examples)
                     correct += hits
                 losses.append(self._sum(total).double().cpu())
                 accuracies.append(self._sum(correct).cpu().double() / self.n_examples)
-        return torch.cat(losses), torch.cat(accuracies)
+        accuracy = torch.cat(accuracies)
+        if any(undefined):
+            accuracy = torch.full_like(accuracy, math.nan)
+        return torch.cat(losses), accuracy
 
     def value_and_grad(self, w: torch.Tensor | None = None) -> tuple[float, torch.Tensor]:
         """(L(w), grad L(w)); the gradient is a flat vector in ``accumulate_dtype``."""
         w = (self.w0 if w is None else w).detach().requires_grad_(True)
         total = torch.zeros((), dtype=self.accumulate_dtype, device=self.device)
-        grad = torch.zeros(self.numel, dtype=self.accumulate_dtype, device=self.device)
+        grad = None
         with exact_float32(), torch.enable_grad():  # works inside a caller's no_grad
-            for _, _, loss in self._terms(w):
+            for loss, _ in self._terms(w):
                 (g,) = torch.autograd.grad(loss, w)
                 total += loss.detach().to(self.accumulate_dtype)
-                grad += g.to(self.accumulate_dtype)
+                grad = self._accumulate(grad, g)
         self.grad_count += 1
-        return self._sum(total).item(), self._sum(grad)
+        return self._sum(total).item(), self._sum(self._vector_or_zeros(grad))
 
     def grad(self, w: torch.Tensor | None = None) -> torch.Tensor:
         """grad L(w) as a flat vector."""
@@ -323,14 +424,26 @@ class Objective:
         """
         v = self._vector(v)
         w = (self.w0 if w is None else w).detach().requires_grad_(True)
-        out = torch.zeros(self.numel, dtype=self.accumulate_dtype, device=self.device)
-        with exact_float32(), torch.enable_grad():
-            for _, _, loss in self._terms(w):
+        out = None
+        with exact_float32(), torch.enable_grad(), twice_differentiable():
+            for loss, _ in self._terms(w):
                 (g,) = torch.autograd.grad(loss, w, create_graph=True)
                 (hv,) = torch.autograd.grad(g, w, grad_outputs=v)
-                out += hv.to(self.accumulate_dtype)
+                out = self._accumulate(out, hv)
         self.hvp_count += 1
-        return self._sum(out)
+        return self._sum(self._vector_or_zeros(out))
+
+    def _accumulate(self, total: torch.Tensor | None, term: torch.Tensor) -> torch.Tensor:
+        """``total + term`` in ``accumulate_dtype``, the first term taken as it is: no
+        zero vector the size of w written and added (0 + x = x, the same numbers)."""
+        term = term.to(self.accumulate_dtype)
+        return term if total is None else total.add_(term)
+
+    def _vector_or_zeros(self, total: torch.Tensor | None) -> torch.Tensor:
+        """A sum over no batches (a rank without examples) is zero."""
+        if total is None:
+            return torch.zeros(self.numel, dtype=self.accumulate_dtype, device=self.device)
+        return total
 
     def hvp_operator(
         self, cache_graph: bool | None = None
@@ -346,26 +459,25 @@ class Objective:
         work inside a caller's ``torch.no_grad()`` too.
         """
         if cache_graph is None:
-            cache_graph = len(self.batches) == 1 and not self.distributed
+            cache_graph = self.single_batch and not self.distributed
         if not cache_graph:
             return self.hvp
         if self.distributed:
             raise SharpscopeError("cache_graph does not work on a distributed objective")
         w = self.w0.detach().requires_grad_(True)
-        with exact_float32(), torch.enable_grad():
-            grads = [
-                torch.autograd.grad(loss, w, create_graph=True)[0] for *_, loss in self._terms(w)
-            ]
+        with exact_float32(), torch.enable_grad(), twice_differentiable():
+            terms = self._terms(w)
+            grads = [torch.autograd.grad(loss, w, create_graph=True)[0] for loss, _ in terms]
 
         def matvec(v: torch.Tensor) -> torch.Tensor:
             v = self._vector(v)
-            out = torch.zeros(self.numel, dtype=self.accumulate_dtype, device=self.device)
+            out = None
             with exact_float32(), torch.enable_grad():
                 for g in grads:
                     (hv,) = torch.autograd.grad(g, w, grad_outputs=v, retain_graph=True)
-                    out += hv.to(self.accumulate_dtype)
+                    out = self._accumulate(out, hv)
             self.hvp_count += 1
-            return out
+            return self._vector_or_zeros(out)
 
         return matvec
 
@@ -406,37 +518,18 @@ def model_fits_data() -> Iterator[None]:
         ) from exc
 
 
-def _shard(batches: list, rank: int, world: int) -> list:
-    """This rank's share of the examples: a contiguous range of the concatenated
-    batches, cut at batch boundaries, so shards differ in size by at most one."""
-    total = sum(len(y) for _, y in batches)
-    lo, hi = total * rank // world, total * (rank + 1) // world
-    shards, start = [], 0
-    for x, y in batches:
-        a, b = max(lo - start, 0), min(hi - start, len(y))
-        if b > a:
-            shards.append((x[a:b], y[a:b]))
-        start += len(y)
-    return shards
-
-
-def _to_batches(data: Batches, batch_size: int, device: torch.device) -> list:
-    if batch_size <= 0:
-        raise SharpscopeError(f"batch size must be positive, got {batch_size}")
-    if isinstance(data, tuple) and len(data) == 2 and isinstance(data[0], torch.Tensor):
-        x, y = data
-        if len(x) != len(y):
-            raise SharpscopeError(f"{len(x)} inputs but {len(y)} targets")
-        x, y = x.to(device), y.to(device)
-        return [
-            (x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, len(y), batch_size)
-        ]
-    return [(x.to(device), y.to(device)) for x, y in data]
+@contextlib.contextmanager
+def _module_at(model: nn.Module, state: dict[str, torch.Tensor]) -> Iterator[None]:
+    """``model`` in eval mode with its parameters and buffers replaced by ``state`` for
+    the duration, as ``torch.func.functional_call`` does (tied weights follow), so that a
+    user's ``batch_loss`` can call the module, or any part of it, as usual."""
+    with eval_mode(model), _reparametrize_module(model, state, tie_weights=True, strict=False):
+        yield
 
 
 def make_objective(
     model: nn.Module | Objective,
-    data: Batches | None = None,
+    data: Data | None = None,
     loss_fn: LossFn | None = None,
     **options,
 ) -> Objective:
@@ -459,6 +552,8 @@ def make_objective(
             )
         return model
     if data is None:
-        raise SharpscopeError("no data given: pass (inputs, targets) or an iterable of batches")
+        raise SharpscopeError(
+            "no data given: pass (inputs, targets), a list of batches or a DataLoader"
+        )
     options = {k: v for k, v in options.items() if v is not None}
     return Objective(model, data, loss_fn, **options)

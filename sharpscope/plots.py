@@ -280,7 +280,7 @@ def plot_1d(
             raise SharpscopeError(
                 f"nothing to plot for {surface_label(s, 'a curve')}: every point is NaN or infinite"
             )
-    accuracy = accuracy and all(s.accuracy is not None for s in surfaces)
+    accuracy = accuracy and all(_has_accuracy(s) for s in surfaces)
     width = _width(columns)
     with paper_style():
         if accuracy and columns == 1:
@@ -482,9 +482,16 @@ def _panel_grid(
     return fig, axes, cax
 
 
+def _has_accuracy(surface: Any) -> bool:
+    """Whether a surface has accuracy values: not for a loss without class targets (a
+    regression, a batch_loss), where every entry is NaN."""
+    acc = surface.accuracy
+    return acc is not None and bool(np.isfinite(np.asarray(acc, dtype=float)).any())
+
+
 def _grid(surface: Any, quantity: str) -> np.ndarray:
     values = surface.loss if quantity == "loss" else surface.accuracy
-    if values is None:
+    if values is None or (quantity == "accuracy" and not _has_accuracy(surface)):
         raise SharpscopeError(f"the surface has no {quantity} values")
     grid = np.asarray(values, dtype=float)
     if quantity == "accuracy":

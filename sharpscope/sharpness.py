@@ -19,6 +19,7 @@ eps ~ U[-rho c, rho c] (linf), by Monte Carlo with a standard error.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import distributed
+from .batches import join_batches, slice_batch, to_device
 from .checks import is_real, is_whole
 from .errors import SharpscopeError
 from .objective import Objective, make_objective
@@ -217,14 +219,16 @@ def _apgd(
     return best_value, best_u
 
 
-def _objective(model, data, loss_fn, param_filter, batch_size, device, accumulate_dtype):
-    """:func:`make_objective`, summing in float64 unless told otherwise when it builds."""
+def _objective(model, data, loss_fn, param_filter, batch_size, device, accumulate_dtype, forms):
+    """:func:`make_objective`, summing in float64 unless told otherwise when it builds
+    (``forms``: batch_loss and examples_in)."""
     if not isinstance(model, Objective):
         accumulate_dtype = accumulate_dtype or torch.float64
     return make_objective(
         model,
         data,
         loss_fn,
+        **forms,
         param_filter=param_filter,
         batch_size=batch_size,
         device=device,
@@ -238,6 +242,8 @@ def sharpness(
     rho: float = 0.05,
     *,
     loss_fn: Callable | None = None,
+    batch_loss: Callable | None = None,
+    examples_in: Callable | None = None,
     norm: str = "l2",
     adaptive: bool = False,
     eta: float = 0.0,
@@ -255,8 +261,10 @@ def sharpness(
     """Worst-case sharpness max_{||eps/c||_p <= rho} L(w + eps) - L(w) by APGD.
 
     Args:
-        model: a module with ``data`` (an (inputs, targets) pair or batches), or an
-            :class:`~sharpscope.objective.Objective` (then ``data``, ``loss_fn``,
+        model: a module with ``data`` (any form an
+            :class:`~sharpscope.objective.Objective` takes: an (inputs, targets) pair, a
+            list of batches, a DataLoader) and ``loss_fn`` or ``batch_loss`` (and
+            ``examples_in``) as there; or an Objective (then ``data``, the loss,
             ``param_filter``, ``batch_size``, ``device`` and ``accumulate_dtype`` are
             the objective's own, and giving them here too is refused).
         rho: radius (0.05: SAM's default, Foret et al. 2021).
@@ -284,7 +292,10 @@ def sharpness(
         of the whole set (with m: of single batches).
     """
     check_sharpness_options(rho, norm, steps, restarts, eta, m)
-    obj = _objective(model, data, loss_fn, param_filter, batch_size, device, accumulate_dtype)
+    forms = {"batch_loss": batch_loss, "examples_in": examples_in}
+    obj = _objective(
+        model, data, loss_fn, param_filter, batch_size, device, accumulate_dtype, forms
+    )
     base_loss = obj.check_finite()  # every batch's loss is finite when the mean is
     groups = [obj] if m is None else _micro_batches(obj, m)
     mine = [i for i in range(len(groups)) if m is None or i % _world(obj) == _rank(obj)]
@@ -348,31 +359,45 @@ def _rank(obj: Objective) -> int:
 def _micro_batches(obj: Objective, m: int) -> list[Objective]:
     """One single-process objective per batch of m consecutive examples of ``obj``.
 
-    Under a process group each rank holds a contiguous shard (objective.py, _shard);
-    gathering the shards in rank order gives back every example in its original order,
-    so the batches are the ones a single process would form.
+    Under a process group each rank holds a contiguous shard of data held in memory, or
+    every world-th batch of streamed data (:func:`~sharpscope.batches.make_source`);
+    gathering the shards back in that order gives every example in its original order,
+    so the batches are the ones a single process would form. Streamed data is joined in
+    memory: m-sharpness regroups the examples, so they must fit.
     """
-    x = torch.cat([b[0] for b in obj.batches])
-    y = torch.cat([b[1] for b in obj.batches])
+    batches = list(obj.batches())
     if obj.distributed:
-        shards = distributed.all_gather_objects((x.cpu(), y.cpu()))
-        x = torch.cat([s[0] for s in shards]).to(obj.device)
-        y = torch.cat([s[1] for s in shards]).to(obj.device)
+        cpu = torch.device("cpu")
+        shards = distributed.all_gather_objects([to_device(b, cpu) for b in batches])
+        if obj.source.in_memory:  # contiguous ranges of examples, in rank order
+            batches = [b for shard in shards for b in shard]
+        else:  # streamed batches dealt out in turn: batch j of rank r is j * world + r
+            rounds = itertools.zip_longest(*shards)
+            batches = [b for batch_round in rounds for b in batch_round if b is not None]
+        batches = [to_device(b, obj.device) for b in batches]
+    forward_batch = max(obj.examples_in(b) for b in batches)  # the objective's pass size
+    every = join_batches(batches)
+    n = obj.examples_in(every)
     names = set(obj.layout.names)
-    forward_batch = max(len(b[1]) for b in obj.batches)  # the objective's own pass size
     return [
         Objective(
             obj.model,
-            (x[i : i + m], y[i : i + m]),
-            obj.loss_fn,
+            [slice_batch(every, a, b, n) for a, b in _cuts(i, min(i + m, n), forward_batch)],
+            None if obj.batch_loss else obj.loss_fn,
+            batch_loss=obj.batch_loss,
+            examples_in=obj.examples_in,
             param_filter=lambda name, _p: name in names,
-            batch_size=min(m, forward_batch),
             device=obj.device,
             accumulate_dtype=obj.accumulate_dtype,
             distributed=False,
         )
-        for i in range(0, len(y), m)
+        for i in range(0, n, m)
     ]
+
+
+def _cuts(start: int, stop: int, size: int) -> list[tuple[int, int]]:
+    """(start, stop) of the forward passes of size at most ``size`` over start:stop."""
+    return [(a, min(a + size, stop)) for a in range(start, stop, size)]
 
 
 def average_sharpness(
@@ -381,6 +406,8 @@ def average_sharpness(
     rho: float = 0.05,
     *,
     loss_fn: Callable | None = None,
+    batch_loss: Callable | None = None,
+    examples_in: Callable | None = None,
     norm: str = "l2",
     adaptive: bool = False,
     eta: float = 0.0,
@@ -412,7 +439,10 @@ def average_sharpness(
     """
     check_sharpness_options(rho, norm, eta=eta)
     check_average_samples(samples)
-    obj = _objective(model, data, loss_fn, param_filter, batch_size, device, accumulate_dtype)
+    forms = {"batch_loss": batch_loss, "examples_in": examples_in}
+    obj = _objective(
+        model, data, loss_fn, param_filter, batch_size, device, accumulate_dtype, forms
+    )
     loss = obj.check_finite()
     c = _scale(obj, adaptive, eta)
     gen = torch.Generator().manual_seed(seed)

@@ -26,7 +26,7 @@ def objective_on_ranks(rank, world, out_dir):
     model, data, v = make_problem()
     obj = Objective(model, data, batch_size=7)
     assert obj.distributed and obj.n_examples == 25
-    local = sum(len(y) for _, y in obj.batches)
+    local = sum(len(y) for _, y in obj.batches())
     value, grad = obj.value_and_grad()
     torch.save(
         {"local": local, "value": value, "grad": grad, "hvp": obj.hvp(v), **obj.evaluate()},
@@ -46,6 +46,42 @@ def test_sharded_objective_equals_single_process(tmp_path):
         torch.testing.assert_close(r["grad"], grad, rtol=1e-12, atol=1e-14)
         torch.testing.assert_close(r["hvp"], single.hvp(v), rtol=1e-12, atol=1e-14)
         assert r["accuracy"] == single.evaluate()["accuracy"]
+
+
+def streamed_on_ranks(rank, world, out_dir):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from sharpscope.sharpness import sharpness
+
+    model, (x, y), v = make_problem()
+    obj = Objective(model, DataLoader(TensorDataset(x, y), batch_size=7))
+    assert obj.distributed and obj.n_examples == 25
+    local = sum(len(b[1]) for b in obj.batches())
+    value, grad = obj.value_and_grad()
+    result = {"local": local, "value": value, "grad": grad, "hvp": obj.hvp(v)}
+    result["sharpness"] = sharpness(obj, rho=0.1, steps=3, m=5).value
+    torch.save(result, os.path.join(out_dir, f"streamed{rank}.pt"))
+
+
+def test_streamed_data_is_dealt_out_by_batches_and_gives_the_single_process_numbers(tmp_path):
+    """A DataLoader under 2 processes: rank r passes over batches r, r + 2, ... (7, 7 and
+    4 examples: 14 and 11), and every sum equals one process's up to summation order.
+    m-sharpness gathers the streamed examples back in order, as one process forms them."""
+    from sharpscope.sharpness import sharpness
+
+    run_distributed(streamed_on_ranks, 2, str(tmp_path))
+    model, data, v = make_problem()
+    single = Objective(model, data, batch_size=7)
+    value, grad = single.value_and_grad()
+    ranks = [torch.load(tmp_path / f"streamed{r}.pt") for r in range(2)]
+    assert [r["local"] for r in ranks] == [14, 11]
+    for r in ranks:
+        assert abs(r["value"] - value) < 1e-13
+        torch.testing.assert_close(r["grad"], grad, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(r["hvp"], single.hvp(v), rtol=1e-12, atol=1e-14)
+        assert r["sharpness"] == pytest.approx(
+            sharpness(single, rho=0.1, steps=3, m=5).value, rel=1e-9
+        )
 
 
 def analyses_on_ranks(rank, world, out_dir):

@@ -17,8 +17,8 @@ from sharpscope.objective import Objective
 
 def dense(obj: Objective) -> torch.Tensor:
     """The exact Hessian of the objective's L at w0, (n, n), by autograd."""
-    x = torch.cat([b[0] for b in obj.batches])
-    y = torch.cat([b[1] for b in obj.batches])
+    x = torch.cat([b[0] for b in obj.batches()])
+    y = torch.cat([b[1] for b in obj.batches()])
     modes = [(m, m.training) for m in obj.model.modules()]
     obj.model.eval()
 

@@ -195,8 +195,9 @@ def test_hessian_directions_are_the_dense_hessians_top_eigenvectors(tiny_mlp, ti
 
 
 def _value(obj: Objective, w: torch.Tensor) -> torch.Tensor:
-    x, y = obj.batches[0]
-    return obj.loss_fn(obj.forward(w, x), y)
+    (x, y) = next(obj.batches())
+    with obj.at(w):
+        return obj.loss_fn(obj.model(x), y)
 
 
 def test_pca_recovers_a_planar_trajectory(tiny_mlp, tiny_data, tmp_path):
