@@ -100,11 +100,12 @@ def slice_batch(batch: Any, start: int, stop: int, n: int) -> Any:
 
 def join_batches(batches: Sequence[Any]) -> Any:
     """One batch holding the examples of ``batches`` in order (tensors concatenated
-    along the first dimension); the batches must have one structure."""
+    along the first dimension; 0-d tensors and other values taken from the first batch,
+    as :func:`slice_batch` keeps them); the batches must have one structure."""
     first = batches[0]
     try:
         if isinstance(first, torch.Tensor):
-            return torch.cat(list(batches))
+            return first if first.dim() == 0 else torch.cat(list(batches))
         if isinstance(first, Mapping):
             items = {k: join_batches([b[k] for b in batches]) for k in first}
             return items if type(first) is dict else _rebuild(first, items)
@@ -128,10 +129,11 @@ def batches_equal(a: Any, b: Any) -> bool:
             return False
         if a.shape != b.shape or a.dtype != b.dtype:
             return False
-        if a.is_floating_point() or a.is_complex():
-            nans = a.isnan()
-            return torch.equal(nans, b.isnan()) and torch.equal(a[~nans], b[~nans])
-        return torch.equal(a, b)
+        if torch.equal(a, b):
+            return True
+        if a.is_floating_point() or a.is_complex():  # NaN != NaN; no mask indexing (8x memory)
+            return bool(((a == b) | (a.isnan() & b.isnan())).all())
+        return False
     if isinstance(a, Mapping) and isinstance(b, Mapping):
         return list(a) == list(b) and all(batches_equal(a[k], b[k]) for k in a)
     if isinstance(a, list | tuple) and isinstance(b, list | tuple):
