@@ -211,6 +211,11 @@ def make_source(
         return _held([(b, examples_in(b)) for b in batches], rank, world)
     if isinstance(data, Iterable):
         return _streamed(data, examples_in, rank, world, counted)
+    if hasattr(data, "__getitem__") and hasattr(data, "__len__"):
+        raise SharpscopeError(
+            f"data of type {type(data).__name__} is a data set of single examples: wrap it in "
+            "DataLoader(dataset, batch_size=..., shuffle=False)"
+        )
     raise SharpscopeError(
         f"data of type {type(data).__name__} is not a data set: pass (inputs, targets) "
         "tensors, a list of batches or a DataLoader"

@@ -263,6 +263,11 @@ def test_an_iterator_is_refused():
         Objective(nn.Linear(3, 2), batches)
 
 
+def test_a_dataset_of_single_examples_is_refused_with_the_fix():
+    with pytest.raises(SharpscopeError, match="DataLoader"):
+        Objective(nn.Linear(3, 2), TensorDataset(torch.randn(4, 3), torch.zeros(4)))
+
+
 def test_a_loader_of_unknown_length_is_counted():
     class Stream(torch.utils.data.IterableDataset):
         def __iter__(self):
