@@ -1,0 +1,79 @@
+"""Statistics over seeds, against scipy on fixed numbers."""
+
+import math
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from sharpscope.errors import SharpscopeError
+from sharpscope.stats import kendall, kendall_tau_b, summary, welch
+
+A = [0.91, 0.87, 0.95, 0.89, 0.93]
+B = [0.97, 1.04, 0.99, 1.10]
+
+
+def test_summary_is_the_mean_with_its_standard_error():
+    s = summary(A)
+    assert s.mean == pytest.approx(np.mean(A), rel=1e-15)
+    assert s.std == pytest.approx(np.std(A, ddof=1), rel=1e-14)
+    assert s.stderr == pytest.approx(stats.sem(A), rel=1e-14)
+    assert s.n == 5
+    one = summary([2.5])
+    assert (one.mean, one.std, one.stderr, one.n) == (2.5, None, None, 1)
+    assert str(one) == "2.5"
+
+
+def test_welch_equals_scipy():
+    r = welch(A, B)
+    ref = stats.ttest_ind(B, A, equal_var=False)
+    ci = ref.confidence_interval(0.95)
+    assert r.difference == pytest.approx(np.mean(B) - np.mean(A), rel=1e-14)
+    assert r.t == pytest.approx(ref.statistic, rel=1e-12)
+    assert r.df == pytest.approx(ref.df, rel=1e-12)
+    assert r.p == pytest.approx(ref.pvalue, rel=1e-10)
+    assert (r.low, r.high) == pytest.approx((ci.low, ci.high), rel=1e-10)
+    r90 = welch(A, B, confidence=0.9)
+    ci90 = ref.confidence_interval(0.9)
+    assert (r90.low, r90.high) == pytest.approx((ci90.low, ci90.high), rel=1e-10)
+
+
+def test_welch_refuses_what_has_no_test():
+    with pytest.raises(SharpscopeError, match="at least 2"):
+        welch([1.0], B)
+    with pytest.raises(SharpscopeError, match="no spread"):
+        welch([1.0, 1.0], [2.0, 2.0])
+    with pytest.raises(SharpscopeError, match="finite"):
+        welch([1.0, math.nan], B)
+
+
+@pytest.mark.parametrize(
+    "x, y",
+    [
+        ([1, 2, 3, 4, 5, 6], [2.0, 1.0, 4.0, 3.0, 6.0, 5.0]),
+        ([1, 1, 2, 3, 3, 4, 5], [3, 1, 2, 2, 5, 4, 4]),  # ties in both: tau-b
+        (
+            list(np.random.default_rng(0).normal(size=40)),
+            list(np.random.default_rng(1).normal(size=40)),
+        ),
+    ],
+)
+def test_kendall_tau_b_equals_scipy(x, y):
+    ref = stats.kendalltau(x, y)  # tau-b by default
+    assert kendall_tau_b(x, y) == pytest.approx(ref.statistic, rel=1e-12, abs=1e-15)
+    r = kendall(x, y, resamples=200)
+    assert r.tau == pytest.approx(ref.statistic, rel=1e-12, abs=1e-15)
+    assert r.p == pytest.approx(ref.pvalue, rel=1e-12)
+    assert r.low <= r.tau <= r.high
+
+
+def test_kendall_interval_is_seeded_and_narrows_with_more_models():
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=60)
+    y = x + rng.normal(size=60)
+    wide = kendall(x[:10], y[:10], resamples=500)
+    narrow = kendall(x, y, resamples=500)
+    assert narrow.high - narrow.low < wide.high - wide.low
+    assert kendall(x, y, resamples=500) == narrow  # the same seed, the same interval
+    with pytest.raises(SharpscopeError, match="at least 3"):
+        kendall([1, 2], [2, 1])
