@@ -30,6 +30,7 @@ from torch import nn
 from .errors import SharpscopeError, first_line
 from .files import atomic_write
 from .models import build_model, check_spec, model_spec
+from .usercode import same_factory
 
 FORMAT = "sharpscope-checkpoint"
 VERSION = 1
@@ -160,23 +161,31 @@ def load_checkpoint(
     """Rebuild the model saved at ``path`` and return ``(model, metadata)``.
 
     A file is data, never code. The architecture a checkpoint records is built when it
-    is a registry model; a factory it names (``package.module:factory``) is imported
-    only if ``model`` names the same factory, or with ``trust_code=True``. Its data set
-    must be a registry one, and the folder and download flag it records are ignored:
+    is a registry model; a factory it names (``module:factory``, ``file.py:factory``) is
+    imported only if ``model`` names the same factory, or with ``trust_code=True``, and
+    is then built with the keywords the checkpoint records (``model_options`` on top; a
+    None value leaves a keyword out). Its data set must be a registry one, or ``data``
+    names one (the user's own file, folder or factory a checkpoint records is opened only
+    with ``trust_code``); the folder and download flag it records are ignored:
     ``data_dir`` and ``download`` are the caller's.
 
-    For a plain state_dict name the architecture: a registry name or
-    ``package.module:factory`` (then ``data`` names the data set that fixes input shape
-    and class count, and ``model_options`` go to the factory), a full model spec dict,
-    or a module to load the weights into. ``metadata`` is the checkpoint without its
+    For a plain state_dict name the architecture: a registry name or a factory (then
+    ``data`` names the data set that fixes input shape and class count, and
+    ``model_options`` go to the factory), a full model spec dict, or a module to load
+    the weights into. ``metadata`` is the checkpoint without its
     ``state_dict``, with "model" and "data" filled in (the data spec the caller's
     folder and download flag apply to). The model is returned in eval mode on
     ``device``.
     """
+    return _load(path, model, data, data_dir, download, trust_code, device, model_options)[:2]
+
+
+def _load(path, model, data, data_dir, download, trust_code, device, model_options):
+    """(model, metadata, the checkpoint's own data entry): :func:`load_checkpoint`'s work."""
     path = os.fspath(path)
     ckpt = read_checkpoint(path)
     meta = {k: v for k, v in ckpt.items() if k not in ("state_dict", "resume")}
-    spec_of_data = _data_spec_for(path, ckpt, data, data_dir, download)
+    spec_of_data = _data_spec_for(path, ckpt, data, data_dir, download, trust_code)
     meta["data"] = spec_of_data
     if isinstance(model, nn.Module):
         net = model
@@ -190,12 +199,13 @@ def load_checkpoint(
         lines = str(exc).strip().splitlines()
         detail = lines[1].strip() if len(lines) > 1 else lines[0]
         raise SharpscopeError(f"{path}: weights do not fit the model ({detail})") from None
-    return net.to(device).eval(), meta
+    return net.to(device).eval(), meta, ckpt.get("data")
 
 
-def _data_spec_for(path, ckpt, data, data_dir, download) -> dict[str, Any] | None:
+def _data_spec_for(path, ckpt, data, data_dir, download, trust_code) -> dict[str, Any] | None:
     """The data spec a checkpoint is evaluated on: the caller's, else the file's made
-    safe (registry name, checked fields, the caller's folder and download flag)."""
+    safe (registry name, checked fields, the caller's folder and download flag; the
+    user's own data only with ``trust_code``)."""
     from .data import data_spec, data_spec_from_file
 
     if isinstance(data, dict):
@@ -204,7 +214,9 @@ def _data_spec_for(path, ckpt, data, data_dir, download) -> dict[str, Any] | Non
         return data_spec(data, data_dir=data_dir, download=download)
     if ckpt.get("data") is None:
         return None
-    return data_spec_from_file(ckpt["data"], path, data_dir=data_dir, download=download)
+    return data_spec_from_file(
+        ckpt["data"], path, data_dir=data_dir, download=download, trust_code=trust_code
+    )
 
 
 def _model_spec_for(path, ckpt, model, data, options, trust_code) -> dict[str, Any]:
@@ -218,12 +230,12 @@ def _model_spec_for(path, ckpt, model, data, options, trust_code) -> dict[str, A
                 "(and --data for its input shape)"
             )
         check_trusted_model(saved["name"], path, trust_code=trust_code)
-        spec = {"name": saved["name"], "kwargs": dict(saved.get("kwargs", {}))}
-        if options:
-            spec["kwargs"] = {**spec["kwargs"], **options}
-        return spec
-    if saved is not None and saved["name"] == model and not options:
-        return {"name": saved["name"], "kwargs": dict(saved.get("kwargs", {}))}
+        kwargs = _recorded_kwargs(path, saved["name"], saved.get("kwargs", {}), options)
+        return {"name": saved["name"], "kwargs": _overlay(kwargs, options)}
+    if saved is not None and same_factory(saved["name"], model):
+        # The user's name (the code that runs), with the keywords the checkpoint records.
+        kwargs = _recorded_kwargs(path, model, saved.get("kwargs", {}), options)
+        return {"name": model, "kwargs": _overlay(kwargs, options)}
     from .data import load_dataset
 
     if data is None:
@@ -232,16 +244,55 @@ def _model_spec_for(path, ckpt, model, data, options, trust_code) -> dict[str, A
     return model_spec(model, ds.input_shape, ds.num_classes, **options)
 
 
+# Keywords of model factories that fetch or read files (torchvision's weights, timm's
+# pretrained / checkpoint_path / pretrained_cfg_overlay, Hugging Face's cache_dir...): a
+# file's record of them would make sharpscope download or open what the file says.
+_FETCHING_KEYWORDS = ("weights", "pretrained", "download", "url", "cache", "checkpoint", "file")
+_FETCHING_SUFFIXES = ("_path", "_dir", "_url", "_file")
+
+
+def _fetches(key: str) -> bool:
+    k = key.lower()
+    return any(k.startswith(w) for w in _FETCHING_KEYWORDS) or k.endswith(_FETCHING_SUFFIXES)
+
+
+def _recorded_kwargs(
+    path: str, name: str, kwargs: dict[str, Any], options: dict[str, Any]
+) -> dict[str, Any]:
+    """The keywords a checkpoint records for a user's factory, refusing any that could
+    fetch or read files (the user may give such a keyword themselves, in ``options``)."""
+    from .models import MODELS
+
+    if name in MODELS:
+        return dict(kwargs)
+    for key, value in kwargs.items():
+        if _fetches(key) and key not in options and value not in (None, False):
+            raise SharpscopeError(
+                f"{path} records {key}={value!r} for {name}, a keyword that can fetch or read "
+                f"files: give it yourself (--model-kwargs '{{\"{key}\": ...}}', null to leave "
+                "it out)"
+            )
+    return dict(kwargs)
+
+
+def _overlay(kwargs: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
+    """``kwargs`` with ``options`` on top; an option whose value is None removes its key."""
+    merged = {**kwargs, **options}
+    return {k: v for k, v in merged.items() if not (k in options and options[k] is None)}
+
+
 def check_trusted_model(name: str, source: str, *, named: str | None = None, trust_code=False):
     """Refuse a model factory that a file names unless the user named the same one.
 
-    Registry models are plain data; a ``package.module:factory`` is code, imported and
-    called only when the user asked for it: ``named`` (their own ``--model``) is the
-    same name, or ``trust_code``. The message says how to ask.
+    Registry models are plain data; a ``module:factory`` or ``file.py:factory`` is code,
+    imported and called only when the user asked for it: ``named`` (their own
+    ``--model``) is the same factory (:func:`~sharpscope.usercode.same_factory`: the
+    same name, or a file of the same name in another folder; the user's is the one that
+    runs), or ``trust_code``. The message says how to ask.
     """
     from .models import MODELS
 
-    if name in MODELS or trust_code or named == name:
+    if name in MODELS or trust_code or (named is not None and same_factory(named, name)):
         return
     raise SharpscopeError(
         f"{source} names the model factory {name!r}, which is code: sharpscope runs code "
@@ -265,24 +316,21 @@ def load_model_and_data(
     """``(model, dataset, metadata)`` rebuilt from checkpoint ``path``
     (:func:`~sharpscope.checkpoint.load_checkpoint`, :func:`~sharpscope.data.load_dataset`).
 
-    For a plain state_dict, ``model`` (registry name or ``package.module:factory``, with
-    ``model_options``) and ``data`` name them. A factory the checkpoint itself names is
-    run only when ``model`` names the same one, or with ``trust_code``. ``data_dir`` and
-    ``download`` say where CIFAR data lies and whether it may be fetched; a checkpoint's
-    own records of either are ignored. ``datasets``, a dict kept between calls, lets
-    checkpoints of one data set share it instead of loading it again.
+    For a plain state_dict, ``model`` (registry name or factory, with ``model_options``)
+    and ``data`` name them. A factory the checkpoint itself names is run only when
+    ``model`` names the same one, or with ``trust_code``; the user's own data (a file,
+    folder or factory) it names is opened only when ``data`` names data (used instead;
+    when the file then differs from the one the checkpoint records, by its SHA-256, a
+    :class:`~sharpscope.errors.SharpscopeWarning` says so) or with ``trust_code``.
+    ``data_dir`` and ``download`` say where CIFAR data lies and whether it may be
+    fetched; a checkpoint's own records of either are ignored. ``datasets``, a dict kept
+    between calls, lets checkpoints of one data set share it instead of loading it again.
+    The data set's targets must suit the loss the checkpoint was trained with.
     """
-    net, meta = load_checkpoint(
-        path,
-        model=model,
-        data=data,
-        data_dir=data_dir,
-        download=download,
-        trust_code=trust_code,
-        device=device,
-        **(model_options or {}),
+    net, meta, recorded = _load(
+        path, model, data, data_dir, download, trust_code, device, model_options or {}
     )
-    from .data import load_dataset
+    from .data import check_loss_fits, load_dataset, warn_if_other_data
 
     spec = meta.get("data")
     if spec is None:
@@ -291,7 +339,12 @@ def load_model_and_data(
     key = json.dumps(spec, sort_keys=True, default=str)
     if key not in datasets:
         datasets[key] = load_dataset(spec)
-    return net, datasets[key], meta
+    dataset = datasets[key]
+    if data is not None:
+        warn_if_other_data(recorded, dataset.spec, path)
+    check_loss_fits(dataset, checkpoint_loss(meta, path), path)
+    meta["data"] = dict(dataset.spec)  # with what identifies the user's own data
+    return net, dataset, meta
 
 
 def checkpoint_loss(meta: dict[str, Any], source: str = "the checkpoint") -> str:

@@ -35,6 +35,25 @@ def fits_annotation(value: Any, hint: Any) -> bool:
             or (kind is int and is_whole(value))
             or (kind is float and is_real(value))
             or (kind is str and isinstance(value, str))
+            or (typing.get_origin(kind) is dict and is_json_object(value))
         ):
             return True
     return False
+
+
+def is_json_object(value: Any, depth: int = 0) -> bool:
+    """A dict of string keys whose values are plain JSON values (numbers, strings, bools,
+    None, and lists and dicts of them, at most 32 deep): what a JSON object reads as."""
+
+    def plain(v: Any, level: int) -> bool:
+        if level > 32:
+            return False
+        if v is None or isinstance(v, bool | int | float | str):
+            return True
+        if isinstance(v, list):
+            return all(plain(item, level + 1) for item in v)
+        if isinstance(v, dict):
+            return all(isinstance(k, str) and plain(item, level + 1) for k, item in v.items())
+        return False
+
+    return isinstance(value, dict) and plain(value, depth)

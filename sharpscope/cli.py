@@ -10,9 +10,10 @@ import argparse
 import importlib
 import re
 import sys
+import warnings
 from collections.abc import Sequence
 
-from .errors import SharpscopeError
+from .errors import SharpscopeError, SharpscopeWarning
 
 _NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|infinity|nan)$", re.I)
 
@@ -65,7 +66,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # What followed the command name: a command can tell the options given from defaults.
     args._argv = argv[argv.index(args.command) + 1 :]
     try:
-        return int(args.func(args) or 0)
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line_warnings(args.command, warnings.showwarning)
+            return int(args.func(args) or 0)
     except SharpscopeError as exc:
         print(f"sharpscope {args.command}: error: {exc}", file=sys.stderr)
         return 2
@@ -76,6 +79,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"sharpscope {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _one_line_warnings(command: str, show):
+    """A ``warnings.showwarning`` that prints a :class:`SharpscopeWarning` as one line,
+    ``sharpscope COMMAND: warning: ...``, and leaves the others to ``show``."""
+
+    def showwarning(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, SharpscopeWarning):
+            print(f"sharpscope {command}: warning: {message}", file=sys.stderr)
+        else:
+            show(message, category, filename, lineno, file, line)
+
+    return showwarning
 
 
 if __name__ == "__main__":

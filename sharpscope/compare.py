@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from .checkpoint import check_trusted_model, read_checkpoint
+from .data import data_spec_from_file
 from .errors import SharpscopeError
 from .files import LOCK_NAME, exclusive_lock, json_safe, remove_stale_temporaries, write_json
 from .landscape import interpolation_for_checkpoints, landscape_for_checkpoint
@@ -235,6 +236,9 @@ def _check_inputs(path_a: str, path_b: str, out: str, loading: Loading) -> None:
         check_trusted_model(
             meta["model"]["name"], path, named=loading.model, trust_code=loading.trust_code
         )
+        if loading.data is None and isinstance(meta.get("data"), dict):
+            # The user's own data a checkpoint names: refused before the folder is made.
+            data_spec_from_file(meta["data"], path, trust_code=loading.trust_code)
         specs.append(meta["model"])
         for name in OUTPUTS:
             if _same_file(path, os.path.join(out, name)):

@@ -7,7 +7,9 @@ from (seed, epoch) alone (what bit-identical resume needs).
 
 Data sets: ``digits`` (scikit-learn, 8x8), ``mnist1d`` (Greydanus 2020, generated
 offline), ``cifar10`` / ``cifar100`` (the python-pickle release, read with a
-restricted unpickler) and ``synthetic`` (a seeded Gaussian mixture).
+restricted unpickler) and ``synthetic`` (a seeded Gaussian mixture); and the user's
+own (:mod:`sharpscope.userdata`): ``.npz`` and ``.pt`` files, image folders and
+``module:factory`` / ``file.py:factory``, held in memory as tensors too.
 """
 
 from __future__ import annotations
@@ -16,10 +18,12 @@ import hashlib
 import io
 import os
 import pickle
+import re
 import shutil
 import tarfile
 import tempfile
 import urllib.request
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,7 +31,7 @@ import numpy as np
 import torch
 
 from .checks import is_whole
-from .errors import SharpscopeError
+from .errors import SharpscopeError, SharpscopeWarning
 
 DATASETS = ("digits", "mnist1d", "cifar10", "cifar100", "synthetic")
 
@@ -54,11 +58,13 @@ CIFAR_ARCHIVES = {
 
 @dataclass
 class Dataset:
-    """A classification data set held as tensors.
+    """A data set held as tensors.
 
-    ``train_x`` has shape (n_train, *input_shape), ``train_y`` (n_train,) int64;
-    likewise for test. ``augment`` names the training-time augmentation
-    (None or "crop_flip"). ``spec`` rebuilds it with :func:`load_dataset`.
+    ``train_x`` has shape (n_train, *input_shape), ``train_y`` (n_train,) int64 class
+    indices (``task`` "classification") or float32 targets of shape (n_train,) or
+    (n_train, k) ("regression"; ``num_classes`` is then the number of outputs, 1 or k);
+    likewise for test. ``augment`` names the training-time augmentation (None or
+    "crop_flip"). ``spec`` rebuilds it with :func:`load_dataset`.
     """
 
     name: str
@@ -69,6 +75,7 @@ class Dataset:
     num_classes: int
     augment: str | None = None
     spec: dict[str, Any] = field(default_factory=dict)
+    task: str = "classification"
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -111,6 +118,7 @@ class Dataset:
             self.num_classes,
             self.augment,
             dict(self.spec),
+            self.task,
         )
 
 
@@ -122,7 +130,15 @@ def data_spec(
     download: bool = False,
     synthetic: dict[str, int] | None = None,
 ) -> dict[str, Any]:
-    """The plain-dict description of a data set, as stored in checkpoints."""
+    """The plain-dict description of a data set, as stored in checkpoints: a registry
+    name, or the user's own data (a file, folder or factory: ``"source"`` says which;
+    :func:`load_dataset` adds what identifies it)."""
+    if not isinstance(name, str) or not name.strip():
+        raise SharpscopeError(f"--data must name a data set, got {name!r}")
+    if name not in DATASETS:
+        from .userdata import source_of
+
+        return {"name": name, "source": source_of(name), "train_subset": train_subset}
     spec: dict[str, Any] = {"name": name, "train_subset": train_subset}
     if name in CIFAR_ARCHIVES:
         spec["data_dir"] = data_dir
@@ -143,19 +159,28 @@ def without_location(spec: dict[str, Any] | None) -> dict[str, Any] | None:
 
 
 def data_spec_from_file(
-    spec: Any, source: str, *, data_dir: str | None = None, download: bool = False
+    spec: Any,
+    source: str,
+    *,
+    data_dir: str | None = None,
+    download: bool = False,
+    trust_code: bool = False,
 ) -> dict[str, Any]:
     """A data spec read from a file (checkpoint, resume point), made safe to load.
 
     Only registry data sets, with fields of the right types; the folder and the
     download flag the file records are dropped for the caller's ``data_dir`` and
-    ``download``: a file never makes sharpscope create folders or download.
+    ``download``: a file never makes sharpscope create folders or download. The user's
+    own data (a file, folder or factory a checkpoint names) is refused unless
+    ``trust_code`` (the caller names data instead: see :func:`check_trusted_data`).
     """
     if isinstance(spec, str):
         spec = {"name": spec}
     if not isinstance(spec, dict):
         raise SharpscopeError(f"{source}: its data entry is not a data-set description")
     name = spec.get("name")
+    if "source" in spec:  # the user's own data
+        return _user_spec_from_file(spec, source, trust_code)
     if not isinstance(name, str) or name not in DATASETS:
         raise SharpscopeError(
             f"{source}: unknown data set {name!r} (sharpscope reads {', '.join(DATASETS)})"
@@ -175,13 +200,99 @@ def data_spec_from_file(
     )
 
 
+def _user_spec_from_file(spec: dict[str, Any], source: str, trust_code: bool) -> dict[str, Any]:
+    from .userdata import source_of
+
+    name = spec.get("name")
+    if not isinstance(name, str) or not name or name in DATASETS:
+        raise SharpscopeError(f"{source}: a damaged data entry (name {name!r})")
+    if spec.get("source") != source_of(name):
+        raise SharpscopeError(f"{source}: a damaged data entry (source {spec.get('source')!r})")
+    check_trusted_data(name, source, trust_code=trust_code)
+    subset = spec.get("train_subset")
+    if subset is not None and not is_whole(subset, 1):
+        raise SharpscopeError(f"{source}: bad train_subset {subset!r} in its data entry")
+    return data_spec(name, train_subset=subset)
+
+
+def check_trusted_data(name: str, source: str, *, trust_code: bool = False) -> None:
+    """Refuse the user's own data (a file, folder or factory) that a file names: it is
+    opened, or its code run, only when the user names data themselves (``--data``,
+    ``data=``), which then replaces the file's, or with ``trust_code``."""
+    if name in DATASETS or trust_code:
+        return
+    from .userdata import source_of
+
+    kind = source_of(name)
+    if kind == "factory":
+        raise SharpscopeError(
+            f"{source} names the data factory {name!r}, which is code: sharpscope runs code "
+            f"named in a file only when you name it too (--data {name}, or data= / "
+            "trust_code=True in Python)"
+        )
+    what = "folder" if kind == "folder" else "file"
+    raise SharpscopeError(
+        f"{source} names the data {what} {name!r}: sharpscope opens data a file names only "
+        f"when you name it too (--data {name}, or data= / trust_code=True in Python)"
+    )
+
+
+# The keys of a data spec that identify the user's own data: a file's SHA-256, or that of
+# the tensors of a folder or a factory's data set.
+IDENTITY_KEYS = ("sha256", "tensors_sha256")
+
+
+def data_difference(recorded: Any, loaded: dict[str, Any]) -> str | None:
+    """How the data set ``loaded`` (a loaded spec) differs from the one a file records, in
+    words, or None when nothing tells them apart (same identity, or none to compare)."""
+    if not isinstance(recorded, dict):
+        return None
+    for key in IDENTITY_KEYS:
+        was, now = recorded.get(key), loaded.get(key)
+        if _is_digest(was) and _is_digest(now) and was != now:
+            what = "file" if key == "sha256" else "data"
+            return (
+                f"{loaded.get('name')} is not the {what} it was trained on ({key} "
+                f"{was[:12]}… recorded for {recorded.get('name')!r}, {now[:12]}… now)"
+            )
+    return None
+
+
+def _is_digest(value: Any) -> bool:
+    return isinstance(value, str) and re.fullmatch(r"[0-9a-f]{64}", value) is not None
+
+
+def warn_if_other_data(recorded: Any, loaded: dict[str, Any], source: str) -> None:
+    """A :class:`SharpscopeWarning` when the data the user named is not the data set
+    ``source`` records (measured anyway: the user named it)."""
+    difference = data_difference(recorded, loaded)
+    if difference is not None:
+        warnings.warn(f"{source}: {difference}; using the data you named", SharpscopeWarning, 2)
+
+
+def check_loss_fits(dataset: Dataset, loss: str, source: str | None = None) -> None:
+    """Refuse a loss that cannot take the data set's targets: regression targets need
+    ``mse``."""
+    if dataset.task == "regression" and loss != "mse":
+        where = f"{source}: " if source else ""
+        raise SharpscopeError(
+            f"{where}{dataset.name} has real-valued targets (a regression data set): it needs "
+            f"--loss mse, not {loss} (store class labels as integers for classification)"
+        )
+
+
 def load_dataset(spec: dict[str, Any] | str) -> Dataset:
-    """Build the data set described by ``spec`` (a name or a :func:`data_spec` dict)."""
+    """Build the data set described by ``spec`` (a name or a :func:`data_spec` dict): a
+    registry data set, or the user's own (:mod:`sharpscope.userdata`)."""
     if isinstance(spec, str):
         spec = data_spec(spec)
     name = spec.get("name")
     if name not in DATASETS:
-        raise SharpscopeError(f"unknown data set {name!r}: choose one of {', '.join(DATASETS)}")
+        from .userdata import load_user_data
+
+        ds = load_user_data(spec)
+        subset = spec.get("train_subset")
+        return ds if subset is None else _train_subset(ds, int(subset))
     if name == "digits":
         ds = _digits()
     elif name == "mnist1d":

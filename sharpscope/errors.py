@@ -9,6 +9,11 @@ class SharpscopeError(Exception):
     """Bad usage or bad input: the message is shown to the user as is."""
 
 
+class SharpscopeWarning(UserWarning):
+    """Something the user should know, the work going on (the command line prints it as
+    one line: ``sharpscope COMMAND: warning: ...``)."""
+
+
 def first_line(exc: BaseException) -> str:
     """The first line of ``exc``'s message (its type's name if it has none): what a
     one-line error says of an exception from torch or numpy."""

@@ -2,16 +2,15 @@
 
 A model is described by a plain dict ``{"name": str, "kwargs": dict}`` (stored in
 checkpoints) and rebuilt by :func:`build_model`. Built-ins: ``mlp``, ``cnn``,
-``cnn1d``, ``resnet18`` and ``wrn``; any other name of the form
-``package.module:factory`` calls the user's own factory.
+``cnn1d``, ``resnet18`` and ``wrn``; any other name, ``module:factory`` or
+``path/to/file.py:factory``, calls the user's own factory (:mod:`sharpscope.usercode`),
+``torchvision.models:resnet18`` and ``timm:create_model`` included.
 """
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import math
-import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -20,6 +19,7 @@ from torch import nn
 
 from .checks import is_real, is_whole
 from .errors import SharpscopeError
+from .usercode import call, parse_factory, resolve_factory
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU}
 
@@ -225,29 +225,54 @@ DEFAULT_MODEL = {
 }
 
 
-def model_spec(
-    name: str, input_shape: Sequence[int], num_classes: int, **options: Any
-) -> dict[str, Any]:
-    """The plain-dict description of a model: registry name and every keyword.
+# The options the command line has flags for (--width, --depth, --activation).
+FLAG_OPTIONS = ("width", "depth", "activation")
 
-    ``options`` with value None are left out so the architecture's own defaults
-    apply; options the architecture does not take are refused.
+
+def merge_model_options(flags: dict[str, Any], kwargs: dict[str, Any] | None) -> dict[str, Any]:
+    """The keywords of a model: the flags given (None = not given) and ``--model-kwargs``
+    (where None means "do not pass this keyword"); a keyword given both ways is refused."""
+    options = {k: v for k, v in flags.items() if v is not None}
+    both = sorted(set(options) & set(kwargs or {}))
+    if both:
+        raise SharpscopeError(
+            f"--{both[0].replace('_', '-')} and --model-kwargs both give {both[0]}: give it once"
+        )
+    return {**options, **(kwargs or {})}
+
+
+def model_spec(
+    name: str, input_shape: Sequence[int], num_classes: int, /, **options: Any
+) -> dict[str, Any]:
+    """The plain-dict description of a model: its name and every keyword it is built with.
+
+    A registry model gets ``input_shape`` and ``num_classes``; a user's factory gets
+    ``input_shape`` only if its signature names it, and ``num_classes`` if its signature
+    names it or takes ``**kwargs`` (as torchvision's and timm's models take it).
+    ``options`` add or replace keywords; one whose value is None is not passed (the
+    flags left unset, or ``{"num_classes": null}`` in ``--model-kwargs``). Keywords the
+    factory does not take are refused.
     """
     factory = _resolve(name)
-    kwargs: dict[str, Any] = {"input_shape": list(input_shape), "num_classes": int(num_classes)}
     try:
         accepted = inspect.signature(factory).parameters
     except (TypeError, ValueError):  # a builtin without a signature: not a model factory
         raise SharpscopeError(f"--model {name}: not a model factory (no signature)") from None
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
+    kwargs: dict[str, Any] = {"input_shape": list(input_shape), "num_classes": int(num_classes)}
+    if name not in MODELS:
+        if "input_shape" not in accepted:
+            del kwargs["input_shape"]
+        if "num_classes" not in accepted and not takes_any:
+            del kwargs["num_classes"]
     for key, value in options.items():
         if value is None:
+            kwargs.pop(key, None)
             continue
         if key not in accepted and not takes_any:
-            raise SharpscopeError(f"model {name!r} does not take --{key.replace('_', '-')}")
+            what = f"--{key}" if key in FLAG_OPTIONS else f"the keyword {key!r}"
+            raise SharpscopeError(f"model {name!r} does not take {what}")
         kwargs[key] = value
-    if ":" in name:  # a user factory gets input_shape / num_classes only if it asks
-        kwargs = {k: v for k, v in kwargs.items() if k in accepted or takes_any}
     return {"name": name, "kwargs": kwargs}
 
 
@@ -349,12 +374,15 @@ def build_model(
                     f"{max_bytes / 2**30:.3g} GiB available"
                 )
     factory = _resolve(name)
-    try:
-        model = factory(**kwargs)
-    except SharpscopeError:
-        raise
-    except (TypeError, ValueError, RuntimeError) as exc:
-        raise SharpscopeError(f"cannot build model {name!r}: {_first(exc)}") from None
+    if name in MODELS:
+        try:
+            model = factory(**kwargs)
+        except SharpscopeError:
+            raise
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise SharpscopeError(f"cannot build model {name!r}: {_first(exc)}") from None
+    else:  # the user's code: whatever it raises is one line saying where
+        model = call(factory, f"building model {name!r}", **kwargs)
     if not isinstance(model, nn.Module):
         raise SharpscopeError(f"model factory {name!r} did not return a torch.nn.Module")
     return model
@@ -401,31 +429,18 @@ def _first(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-_FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
-
-
 def check_model_name(name: Any) -> str:
-    """``name`` if it is a registry model or has the form ``package.module:factory``."""
-    if isinstance(name, str) and (name in MODELS or _FACTORY.match(name)):
+    """``name`` if it is a registry model or a factory (``module:factory``,
+    ``path/to/file.py:factory``)."""
+    if isinstance(name, str) and (name in MODELS or parse_factory(name) is not None):
         return name
     raise SharpscopeError(
-        f"unknown model {name!r}: choose one of {', '.join(MODELS)}, or package.module:factory"
+        f"unknown model {name!r}: choose one of {', '.join(MODELS)}, or module:factory, "
+        "or path/to/file.py:factory"
     )
 
 
 def _resolve(name: str) -> Callable[..., nn.Module]:
     if name in MODELS:
         return MODELS[name]
-    module_name, _, attr = check_model_name(name).partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise SharpscopeError(f"cannot import {module_name!r} for --model {name}: {exc}") from None
-    except Exception as exc:  # the module's own code failed while importing
-        raise SharpscopeError(
-            f"importing {module_name!r} for --model {name} failed: {_first(exc)}"
-        ) from None
-    factory = getattr(module, attr, None)
-    if not callable(factory):
-        raise SharpscopeError(f"{module_name!r} has no callable {attr!r} for --model {name}")
-    return factory
+    return resolve_factory(check_model_name(name), "--model")

@@ -28,7 +28,7 @@ import torch
 
 from . import distributed
 from .checkpoint import check_trusted_model, read_checkpoint, save_checkpoint
-from .data import data_spec, load_dataset
+from .data import DATASETS, check_trusted_data, data_difference, data_spec, load_dataset
 from .devices import resolve_device
 from .errors import SharpscopeError, first_line
 from .files import write_json, write_jsonl
@@ -44,6 +44,7 @@ from .train_config import (
 )
 from .train_state import TrainState, _EpochTotals
 from .trainer import Trainer, _cpu_state_dict, _to_cpu
+from .usercode import same_factory
 
 # A resume point at every epoch end, but at most this often in wall time, so that
 # full-batch runs (one step per epoch) do not spend their time writing; step-based
@@ -114,6 +115,10 @@ def train(
         # A download happens once, on rank 0; the others then read what it fetched.
         load = distributed.main_first if c.download else (lambda fn: fn())
         dataset = load(lambda: load_dataset(spec))
+        if saved is not None:
+            difference = data_difference(saved.get("data"), dataset.spec)
+            if difference is not None:  # the run would go on on other data
+                raise SharpscopeError(f"--resume: {difference}")
         resolve_config(c, dataset)
         devices = [device.index or 0] if device.type == "cuda" else []
         with (
@@ -146,15 +151,21 @@ def train(
 
 
 def load_run_config(
-    out: str, *, model: str | None = None, trust_code: bool = False, quiet: bool = False
+    out: str,
+    *,
+    model: str | None = None,
+    data: str | None = None,
+    trust_code: bool = False,
+    quiet: bool = False,
 ) -> TrainConfig:
     """The configuration of the run in folder ``out``, from its resume point.
 
     First finishes what a killed process left half done in the folder (under its
     lock; see :mod:`sharpscope.runfolder`). The data folder and download flag the
     resume point records are dropped (give your own); a model factory it names is
-    refused unless ``model`` names the same one or ``trust_code``. Raises
-    :class:`NoResumePoint` if there is none.
+    refused unless ``model`` names the same one or ``trust_code``, and so is the user's
+    own data (a file, folder or factory) it names, unless ``data`` names data (which
+    replaces it) or ``trust_code``. Raises :class:`NoResumePoint` if there is none.
     """
     if not os.path.isdir(out):
         raise NoResumePoint(f"{out}: no resume checkpoint (resume.pt) to continue from")
@@ -168,7 +179,11 @@ def load_run_config(
     )
     if config.model is not None:
         check_trusted_model(config.model, path, named=model, trust_code=trust_code)
-    resolve_config(config)  # registry data sets, known choices, ranges: refused on read
+    if data is not None:
+        config = dataclasses.replace(config, data=data)
+    else:
+        check_trusted_data(config.data, path, trust_code=trust_code)
+    resolve_config(config)  # known choices, ranges: refused on read
     return config
 
 
@@ -188,13 +203,25 @@ def _read_resume_point(out: str, c: TrainConfig) -> dict[str, Any]:
         f"--{f.name.replace('_', '-')} ({getattr(saved_config, f.name)!r} saved, "
         f"{getattr(c, f.name)!r} now)"
         for f in fields(TrainConfig)
-        if f.name not in LOCATION_FIELDS and getattr(c, f.name) != getattr(saved_config, f.name)
+        if f.name not in LOCATION_FIELDS
+        and not _same_option(f.name, getattr(c, f.name), getattr(saved_config, f.name))
     ]
     if differ:
         raise SharpscopeError(
             f"--resume continues the saved run; these options differ from it: {', '.join(differ)}"
         )
     return saved
+
+
+def _same_option(name: str, now: Any, saved: Any) -> bool:
+    """Whether a resumed run's option is the saved one. A model factory is the same by
+    :func:`~sharpscope.usercode.same_factory`; the user's own data by what identifies it
+    (checked once it is loaded, in :func:`train`), whatever path it is named by now."""
+    if name == "model":
+        return same_factory(now, saved)
+    if name == "data" and now not in DATASETS and saved not in DATASETS:
+        return True
+    return now == saved
 
 
 # -- the loop -------------------------------------------------------------------------------
@@ -400,6 +427,8 @@ class _Run:
         elif epochs_logged:
             final["train_loss"] = epochs_logged[-1]["train_loss"]
             final["train_accuracy"] = epochs_logged[-1]["train_accuracy"]
+        if not t.classes:  # regression: no accuracy
+            final["train_accuracy"] = None
         train_eval, test_eval = t.evaluate("train"), t.evaluate("test")
         final["train_eval_loss"] = train_eval["loss"]  # whole training set, eval mode
         final["train_eval_accuracy"] = train_eval["accuracy"]
@@ -413,10 +442,11 @@ class _Run:
             payload = {**self.header, "metrics": metrics, "state_dict": _cpu_state_dict(t.model)}
             save_checkpoint(os.path.join(self.out, "checkpoint.pt"), payload)
         self.write_resume(metrics)
+        accuracy = final["test_accuracy"]
+        accuracy = "" if accuracy is None else f"test accuracy {100 * accuracy:.2f}%, "
         self.say(
-            f"done: {s.step} steps in {final['seconds']:.1f}s, test accuracy "
-            f"{100 * final['test_accuracy']:.2f}%, test loss {final['test_loss']:.4f}; "
-            f"wrote {self.out}"
+            f"done: {s.step} steps in {final['seconds']:.1f}s, {accuracy}"
+            f"test loss {final['test_loss']:.4f}; wrote {self.out}"
         )
         return metrics
 
@@ -473,7 +503,7 @@ def _epoch_record(
         "epoch": epoch + 1,
         "step": step,
         "train_loss": totals["loss"] / max(totals["seen"], 1),
-        "train_accuracy": totals["correct"] / max(totals["seen"], 1),
+        "train_accuracy": totals["correct"] / max(totals["seen"], 1) if t.classes else None,
         "lr": lr,
     }
     if (epoch + 1) % t.c.eval_every == 0:
@@ -489,12 +519,15 @@ def _epoch_record(
 
 
 def _summary(r: dict[str, Any], epochs: int) -> str:
+    def acc(value: float | None) -> str:
+        return "" if value is None else f" acc {100 * value:.2f}%"
+
     line = (
         f"epoch {r['epoch']}/{epochs}  step {r['step']}  "
-        f"train loss {r['train_loss']:.4f} acc {100 * r['train_accuracy']:.2f}%"
+        f"train loss {r['train_loss']:.4f}{acc(r['train_accuracy'])}"
     )
     if "test_loss" in r:
-        line += f"  test loss {r['test_loss']:.4f} acc {100 * r['test_accuracy']:.2f}%"
+        line += f"  test loss {r['test_loss']:.4f}{acc(r['test_accuracy'])}"
     return line + f"  lr {r['lr']:.4g}  {r['seconds']:.1f}s"
 
 

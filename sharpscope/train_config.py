@@ -15,10 +15,10 @@ import torch
 
 from . import distributed
 from .checks import fits_annotation
-from .data import DATASETS, LOCATION_KEYS, Dataset
+from .data import LOCATION_KEYS, Dataset, check_loss_fits
 from .errors import SharpscopeError
 from .losses import LOSSES, get_loss
-from .models import DEFAULT_MODEL, check_model_name
+from .models import DEFAULT_MODEL, check_model_name, merge_model_options
 from .sam import parse_p
 
 OPTIMIZERS = ("sgd", "sam", "gsam")
@@ -55,16 +55,19 @@ class TrainConfig:
     :func:`resolve_config`.
     """
 
-    # data (data.data_spec)
+    # data (data.data_spec): a registry name, a .npz / .pt file, an image folder, or a
+    # module:factory / file.py:factory (userdata.py)
     data: str = "digits"
     data_dir: str | None = None
     download: bool = False
     train_subset: int | None = None
-    # model (models.model_spec); None = the registry default for the data set (cnn for digits)
+    # model (models.model_spec); None = the registry default for the data set (cnn for
+    # digits; mlp for the user's own data)
     model: str | None = None
     width: int | None = None
     depth: int | None = None
     activation: str | None = None
+    model_kwargs: dict[str, Any] | None = None  # --model-kwargs: more keywords of the model
     # optimizer
     optimizer: str = "sam"
     rho: float = 0.05  # Foret et al. 2021, the CIFAR default (Sec. 3.1)
@@ -118,7 +121,8 @@ class TrainConfig:
             value = getattr(self, f.name)
             if not fits_annotation(value, hints[f.name]):
                 raise SharpscopeError(f"training option {f.name} = {value!r} is of a wrong type")
-        _choice("data", c.data, DATASETS)
+        if not c.data.strip():
+            raise SharpscopeError("--data is empty: name a data set")
         _choice("optimizer", c.optimizer, OPTIMIZERS)
         _choice("schedule", c.schedule, SCHEDULES)
         _choice("amp", c.amp, AMP_MODES)
@@ -183,7 +187,18 @@ class TrainConfig:
             raise SharpscopeError("give --epochs or --steps, not both")
         if c.model is not None:
             check_model_name(c.model)
+        merge_model_options(model_flags(c), c.model_kwargs)  # a keyword given twice
         get_loss(c.loss, c.label_smoothing)  # refuses label smoothing with mse
+
+
+def model_flags(c: TrainConfig) -> dict[str, Any]:
+    """The model options of ``c`` that have flags of their own (None: not given)."""
+    return {"width": c.width, "depth": c.depth, "activation": c.activation}
+
+
+def model_options(c: TrainConfig) -> dict[str, Any]:
+    """Every keyword ``c`` gives its model: the flags and ``--model-kwargs``."""
+    return merge_model_options(model_flags(c), c.model_kwargs)
 
 
 @functools.cache
@@ -242,7 +257,7 @@ def resolve_config(config: TrainConfig, dataset: Dataset | None = None) -> Train
     if c.steps is None and c.epochs is None:
         c = dataclasses.replace(c, epochs=DEFAULT_EPOCHS)
     if c.model is None:
-        c = dataclasses.replace(c, model=DEFAULT_MODEL[c.data])
+        c = dataclasses.replace(c, model=DEFAULT_MODEL.get(c.data, "mlp"))
     if dataset is not None:
         plan(c, dataset, distributed.world_size())  # size checks that need the data
     return c
@@ -262,6 +277,7 @@ def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
 
 
 def plan(c: TrainConfig, dataset: Dataset, world: int = 1) -> Plan:
+    check_loss_fits(dataset, c.loss)
     n = len(dataset.train_y)
     batch = n if c.batch_size == "full" else int(c.batch_size)
     if batch > n:

@@ -54,10 +54,18 @@ from . import distributed
 from .data import Dataset, augment_batch
 from .devices import memory_bytes
 from .errors import SharpscopeError
-from .losses import correct_count, get_loss
+from .losses import class_hits, get_loss, logits_of
 from .models import build_model, model_spec
+from .objective import model_fits_data
 from .sam import GSAM, SAM, bn_running_stats_frozen, rho_from_lr
-from .train_config import TrainConfig, learning_rate, lowest_lr, plan, resolve_amp
+from .train_config import (
+    TrainConfig,
+    learning_rate,
+    lowest_lr,
+    model_options,
+    plan,
+    resolve_amp,
+)
 
 
 @dataclass(frozen=True)
@@ -176,13 +184,10 @@ class Trainer:
         self.shard_weight = self.world * (self.shard[1] - self.shard[0]) / B
         self.loss_fn = get_loss(c.loss, c.label_smoothing)
         self.spec = model_spec(
-            c.model,
-            dataset.input_shape,
-            dataset.num_classes,
-            width=c.width,
-            depth=c.depth,
-            activation=c.activation,
+            c.model, dataset.input_shape, dataset.num_classes, **model_options(c)
         )
+        # Accuracy is a count of arg-max hits on class indices; none for regression.
+        self.classes = dataset.task == "classification"
         torch.manual_seed(derive_seed(c.seed, _INIT))  # inside train()'s fork_rng
         # Training holds about four copies of the weights (w, its gradient, momentum,
         # SAM's saved w): refused before allocating if they would not fit the device.
@@ -191,6 +196,7 @@ class Trainer:
         if dtype is not None:
             self.model.to(dtype)
         self.model.to(device)
+        self._check_fits_data()
         self.model.train()
         self.ddp: DistributedDataParallel | None = None
         if self.world > 1:
@@ -214,6 +220,15 @@ class Trainer:
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(c.amp)
         self._order: tuple[int, torch.Tensor | None] = (-1, None)
 
+    def _check_fits_data(self) -> None:
+        """One forward pass and loss on two training examples, in eval mode: a model that
+        cannot take the data (the user's own, most of all) is refused in one line before
+        the run starts, not with a traceback in its first step."""
+        x, y = self.dataset.train_x[:2], self.dataset.train_y[:2]
+        self.model.eval()
+        with torch.no_grad(), model_fits_data():
+            self.loss_fn(self.model(x), y)
+
     # one forward pass under autocast; the loss in float32
     def _forward(
         self, x: torch.Tensor, y: torch.Tensor, model: nn.Module | None = None
@@ -224,7 +239,7 @@ class Trainer:
             return out, self.loss_fn(out, y)
         with torch.autocast(self.device.type, dtype=self.autocast_dtype):
             out = model(x)
-        out = out.float()
+        out = logits_of(out).float()  # a Hugging Face model's output: its logits
         return out, self.loss_fn(out, y)
 
     def _synced(self, sync: bool) -> contextlib.AbstractContextManager:
@@ -318,7 +333,9 @@ class Trainer:
                 out, loss = self._forward(xk, yk)  # clean pass: BN statistics update here
                 bad = self._backward(loss, bad, sync_first)
             loss_sum += loss.detach() * len(yk)
-            correct += correct_count(out.detach(), yk)
+            hits = class_hits(out, yk) if self.classes else None
+            if hits is not None:
+                correct += hits
             if not use_sam:
                 break
             sam.first_step(zero_grad=True)
@@ -377,8 +394,9 @@ class Trainer:
         return torch.tensor(self.scaler.get_scale() < scale, device=self.device)
 
     @torch.no_grad()
-    def evaluate(self, split: str) -> dict[str, float]:
-        """Mean loss and accuracy on a whole split, in eval mode (mode restored).
+    def evaluate(self, split: str) -> dict[str, float | None]:
+        """Mean loss and accuracy (None for regression) on a whole split, in eval mode
+        (mode restored).
 
         Under DDP the eval batches are dealt out to the processes (batch j to rank
         j mod N) and their sums gathered; every process then adds them up in batch order,
@@ -397,14 +415,17 @@ class Trainer:
                 xb, yb = x[starts[j] : starts[j] + size], y[starts[j] : starts[j] + size]
                 out, loss = self._forward(xb, yb, self.model)
                 losses[j] = loss.double() * len(yb)
-                correct[j] = correct_count(out, yb)
+                hits = class_hits(out, yb) if self.classes else None
+                if hits is not None:
+                    correct[j] = hits
         finally:
             self.model.train(was_training)
         distributed.all_reduce_sum_([losses, correct])  # one nonzero term each: exact
         total = 0.0
         for value in losses.tolist():  # in batch order, as one process sums them
             total += value
-        return {"loss": total / len(y), "accuracy": int(correct.sum().item()) / len(y)}
+        accuracy = int(correct.sum().item()) / len(y) if self.classes else None
+        return {"loss": total / len(y), "accuracy": accuracy}
 
     def batch(self, epoch: int, index: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Batch ``index`` of epoch ``epoch`` (order from (seed, epoch)), augmented with

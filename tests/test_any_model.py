@@ -112,6 +112,11 @@ def test_attention_model_eigenvalues_and_trace_equal_the_dense_hessian():
     # a few standard errors of the dense trace.
     trace = ss.hessian_trace(model, data, samples=200, batch_size=5)
     assert abs(trace.value - evals.sum().item()) < 4 * trace.stderr
+    # Sharpness and a 2-D landscape of the same model: first order, the fast kernels.
+    rise = ss.sharpness(model, data, rho=0.05, steps=5, batch_size=5)
+    assert rise.value >= 0 and rise.eps_norm <= 0.05 * (1 + 1e-9)
+    surface = ss.landscape(model, data, dim=2, points=3, batch_size=5)
+    assert surface.loss[1, 1] == pytest.approx(obj.value(), rel=1e-12)
 
 
 def test_gradients_keep_the_fast_attention_kernel():

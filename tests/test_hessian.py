@@ -89,6 +89,26 @@ def test_lanczos_on_a_float32_model(tiny_mlp, tiny_data):
     np.testing.assert_allclose(result.eigenvalues, exact[:2].numpy(), rtol=1e-4)
 
 
+def test_lanczos_residuals_are_measured_and_converged_means_what_it_says(tiny_mlp, tiny_data):
+    """On a float32 model Lanczos's own residual estimate falls far below what the
+    products' rounding allows; the reported residual is the one a further product
+    measures, and a tol below that floor is reported as not converged."""
+    x, y = tiny_data
+    obj = Objective(tiny_mlp.float(), (x.float(), y), accumulate_dtype=torch.float64)
+    result = hessian_eigenvalues(obj, k=2, return_eigenvectors=True)
+    assert result.converged
+    for lam, v, reported in zip(
+        result.eigenvalues, result.eigenvectors, result.residuals, strict=True
+    ):
+        measured = torch.linalg.vector_norm(obj.hvp(v) - lam * v).item()
+        assert reported >= 0.5 * measured  # the same product up to float32 rounding
+        assert measured > 1e-9 * abs(lam)  # the floor: far above a Ritz estimate's 1e-19
+    with pytest.warns(RuntimeWarning, match="converged=False"):
+        strict = hessian_eigenvalues(obj, k=1, tol=1e-12, max_iter=60)
+    assert not strict.converged
+    assert strict.residuals[0] > 1e-12 * abs(strict.eigenvalues[0])
+
+
 def test_power_iteration_matches_dense_top2_and_bottom(tiny_mlp, tiny_data):
     obj = Objective(tiny_mlp, tiny_data)
     exact = torch.linalg.eigvalsh(dense(obj))

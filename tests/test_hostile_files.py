@@ -8,7 +8,10 @@ A checkpoint or resume point is a dict of plain values read with
    otherwise one line on stderr, exit 2, nothing imported or run;
 2. the data folder and download flag it records are ignored: folders and downloads
    come only from the user's ``--data-dir`` / ``--download`` (``data_dir=`` / ``download=``);
-3. a data set it names that is not a registry one is refused.
+3. a data set it names that is not a registry one is refused; the user's own data it
+   names (a ``.npz`` / ``.pt`` file, an image folder, a ``module:factory`` or
+   ``file.py:factory``) is opened, or its code run, only when the user names data
+   (``--data``, ``data=``) or with ``trust_code=True``.
 
 Every payload would leave a marker file if it ran. Each is tried against every command
 that reads checkpoints (measure, landscape 1-D / 2-D / interpolation, compare,
@@ -32,6 +35,7 @@ import pytest
 import torch
 from torch import nn
 
+from sharpscope import userdata
 from sharpscope.checkpoint import (
     load_checkpoint,
     load_model_and_data,
@@ -102,10 +106,11 @@ PAYLOADS = (
     "runpy_run_path",
     "factory_in_test_module",
     "module_that_runs_on_import",
+    "file_that_runs_on_import",
 )
 
 
-def _payloads(marker: Path, script: Path) -> dict[str, tuple[str, dict]]:
+def _payloads(marker: Path, script: Path, evil_file: Path) -> dict[str, tuple[str, dict]]:
     return {
         "os_system": ("os:system", {"command": f"touch {marker}"}),
         "subprocess_run": ("subprocess:run", {"args": ["touch", str(marker)]}),
@@ -113,6 +118,23 @@ def _payloads(marker: Path, script: Path) -> dict[str, tuple[str, dict]]:
         "runpy_run_path": ("runpy:run_path", {"path_name": str(script)}),
         "factory_in_test_module": (EVIL, {"marker": str(marker)}),
         "module_that_runs_on_import": (f"{PROBE}:factory", {}),
+        "file_that_runs_on_import": (f"{evil_file}:factory", {}),
+    }
+
+
+# The user's own data a file names (rule 3): opened or run only when the user names data.
+# Each would leave the marker: the factories on import, the files and the folder through
+# the data reader, which the tests replace by one that writes the marker.
+USER_DATA = ("data_file_factory", "data_module_factory", "data_npz", "data_pt", "data_folder")
+
+
+def _user_data(root: Path, evil_file: Path) -> dict[str, dict]:
+    return {
+        "data_file_factory": {"name": f"{evil_file}:factory", "source": "factory"},
+        "data_module_factory": {"name": f"{PROBE}:factory", "source": "factory"},
+        "data_npz": {"name": str(root / "secret.npz"), "source": "npz"},
+        "data_pt": {"name": str(root / "secret.pt"), "source": "pt"},
+        "data_folder": {"name": str(root / "images"), "source": "folder"},
     }
 
 
@@ -176,6 +198,13 @@ def files(tmp_path_factory):
     probe_dir = root / "probe"
     probe_dir.mkdir()
     (probe_dir / f"{PROBE}.py").write_text(PROBE_SOURCE.format(marker=str(marker)))
+    evil_file = root / "evil_code.py"  # --model / --data path/to/file.py:factory
+    evil_file.write_text(PROBE_SOURCE.format(marker=str(marker)))
+    # Data files and a folder that hold real data: still never opened unless named.
+    x, y = np.zeros((8, 16), np.float32), np.arange(8) % 4
+    np.savez(root / "secret.npz", x_train=x, y_train=y)
+    torch.save({"x_train": torch.from_numpy(x), "y_train": torch.from_numpy(y)}, root / "secret.pt")
+    (root / "images" / "a").mkdir(parents=True)
 
     # Two honest runs: sharpscope's mlp, and the factory of this module (named by the user).
     run = root / "run"
@@ -183,7 +212,7 @@ def files(tmp_path_factory):
     benign_run = root / "benign_run"
     assert main(["train", *TINY, "--model", BENIGN, "--out", str(benign_run)]) == 0
     good = run / "checkpoint.pt"
-    payloads = _payloads(marker, script)
+    payloads = _payloads(marker, script, evil_file)
     hostile = {}
     hostile_runs = {}
     for key, (name, kwargs) in payloads.items():
@@ -197,6 +226,14 @@ def files(tmp_path_factory):
     bad_data_runs = {
         key: _edited_run(run, root / f"run_data_{key}", {"data": name})
         for key, (_, name) in BAD_DATA.items()
+    }
+    user_data = _user_data(root, evil_file)
+    user_data_files = {
+        key: _edited(good, root / f"user_{key}.pt", data=entry) for key, entry in user_data.items()
+    }
+    user_data_runs = {
+        key: _edited_run(run, root / f"run_user_{key}", {"data": entry["name"]})
+        for key, entry in user_data.items()
     }
 
     # A cifar10 checkpoint (an mlp that fits 3x32x32) whose data entry names a folder
@@ -234,6 +271,9 @@ def files(tmp_path_factory):
             benign=benign_run / "checkpoint.pt",
             bad_data=bad_data,
             bad_data_runs=bad_data_runs,
+            user_data=user_data,
+            user_data_files=user_data_files,
+            user_data_runs=user_data_runs,
             cifar=cifar,
             cifar_planted=cifar_planted,
             planted=planted,
@@ -245,10 +285,18 @@ def files(tmp_path_factory):
 
 
 @pytest.fixture(autouse=True)
-def fresh_marker(files):
-    """Each test starts without the marker (an earlier failure must not fail this one)."""
+def fresh_marker(files, monkeypatch):
+    """Each test starts without the marker (an earlier failure must not fail this one);
+    the reader of the user's own data writes it whenever it is called."""
     files.marker.unlink(missing_ok=True)
     sys.modules.pop(PROBE, None)
+    read = userdata.load_user_data
+
+    def reading(spec):
+        files.marker.write_text(f"opened {spec.get('name')}")
+        return read(spec)
+
+    monkeypatch.setattr(userdata, "load_user_data", reading)
     yield
 
 
@@ -278,6 +326,7 @@ def _tree(*roots: Path) -> set[Path]:
 def _nothing_ran(files) -> None:
     assert not files.marker.exists(), f"a payload ran: {files.marker.read_text()!r}"
     assert PROBE not in sys.modules, "the payload module was imported"
+    assert not [m for m in sys.modules if m.startswith("_sharpscope_user_evil_code")]
 
 
 def _refused(capsys, argv, *says: str) -> str:
@@ -665,3 +714,84 @@ def test_an_unknown_data_set_named_in_a_resume_point_is_refused(files, capsys, t
     with pytest.raises(SharpscopeError, match="data"):
         train(load_run_config(str(run)), str(run), resume=True, quiet=True)
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+# -- 3. the user's own data a file names is opened only when the user names data -----------
+def _named(files, key: str) -> str:
+    return files.user_data[key]["name"]
+
+
+@pytest.mark.parametrize("command", BAD_DATA_COMMANDS)
+@pytest.mark.parametrize("data", USER_DATA)
+def test_the_users_own_data_named_in_a_checkpoint_is_never_opened(
+    files, capsys, tmp_path, network, data, command
+):
+    name = _named(files, data)
+    before = _tree(tmp_path, files.root)
+    argv = BAD_DATA_COMMANDS[command](files, files.user_data_files[data], tmp_path)
+    _refused(capsys, argv, repr(name), f"--data {name}")
+    _nothing_ran(files)
+    assert _tree(tmp_path, files.root) == before, "a refused command created files"
+    assert network == []
+
+
+API_DATA_ENTRIES = {
+    "load_checkpoint": lambda f, c, t: load_checkpoint(c),
+    "load_model_and_data": lambda f, c, t: load_model_and_data(str(c)),
+    "measure_checkpoint": lambda f, c, t: measure_checkpoint(str(c), **FAST_MEASURE_API),
+    "landscape_1d": lambda f, c, t: landscape_for_checkpoint(str(c), points=3, samples=32),
+    "interpolation": lambda f, c, t: interpolation_for_checkpoints(str(f.good), str(c), points=3),
+    "compare": lambda f, c, t: compare_checkpoints(
+        str(c), str(c), str(t / "cmp"), points=3, points_2d=3, samples=32, measure=False
+    ),
+}
+
+
+@pytest.mark.parametrize("entry", API_DATA_ENTRIES)
+@pytest.mark.parametrize("data", USER_DATA)
+def test_the_users_own_data_named_in_a_checkpoint_is_never_opened_by_the_api(
+    files, tmp_path, data, entry
+):
+    before = _tree(tmp_path, files.root)
+    with pytest.raises(SharpscopeError, match="--data"):
+        API_DATA_ENTRIES[entry](files, files.user_data_files[data], tmp_path)
+    _nothing_ran(files)
+    assert _tree(tmp_path, files.root) == before
+
+
+@pytest.mark.parametrize("data", USER_DATA)
+@pytest.mark.parametrize("with_options", [False, True], ids=["bare", "whole_command_line"])
+def test_the_users_own_data_named_in_a_resume_point_is_never_opened(
+    files, capsys, tmp_path, data, with_options
+):
+    # The resume point names the data; the user names none (bare), or reruns a command
+    # line naming the registry's synthetic data (then the options differ: refused).
+    name = _named(files, data)
+    run = shutil.copytree(files.user_data_runs[data], tmp_path / "run")
+    argv = ["train", "--out", run, "--resume", "--quiet"]
+    if with_options:
+        argv += [*TINY, "--model", "mlp"]
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    _refused(capsys, argv, repr(name), "--data")
+    with pytest.raises(SharpscopeError, match="--data"):
+        load_run_config(str(run))
+    _nothing_ran(files)
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+def test_data_the_user_names_replaces_the_files_and_trust_code_opens_it(files, capsys):
+    # Naming data (any: here the registry's) replaces the file's, which is never opened.
+    for data in USER_DATA:
+        ckpt = files.user_data_files[data]
+        out = _succeeds(capsys, ["measure", ckpt, "--data", "synthetic", *FAST_MEASURE])
+        assert ckpt.name in out
+        _nothing_ran(files)
+    # Naming the file itself opens it; so does trust_code=True in Python.
+    secret = _named(files, "data_npz")
+    _succeeds(
+        capsys, ["measure", files.user_data_files["data_npz"], "--data", secret, *FAST_MEASURE]
+    )
+    assert files.marker.read_text() == f"opened {secret}"
+    files.marker.unlink()
+    _, dataset, meta = load_model_and_data(str(files.user_data_files["data_pt"]), trust_code=True)
+    assert meta["data"]["source"] == "pt" and len(dataset.train_y) == 6  # 2 held out for test

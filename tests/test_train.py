@@ -434,7 +434,7 @@ def test_overwrite_replaces_only_the_run_files(tmp_path, capsys):
     "argv, message",
     [
         (["--model", "nonesuch"], "unknown model"),
-        (["--data", "nonesuch"], "invalid choice"),
+        (["--data", "nonesuch"], "unknown data set"),
         (["--rho", "-0.1"], "--rho"),
         (["--batch-size", "0"], "positive"),
         (["--sam-p", "0.5"], ">= 1"),

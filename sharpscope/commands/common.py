@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import tempfile
 from collections.abc import Sequence
@@ -11,10 +12,46 @@ from typing import Any, TypeVar
 
 from ..data import DATASETS
 from ..errors import SharpscopeError
-from ..models import ACTIVATIONS
+from ..models import ACTIVATIONS, merge_model_options
 from ..settings import SPLITS, EvaluationSettings
 
 S = TypeVar("S")
+
+
+DATA_HELP = (
+    f"{', '.join(DATASETS)}; or your own: a .npz or .pt file (x_train, y_train, "
+    "optionally x_test, y_test, num_classes), an image folder (one subfolder per class; "
+    "needs torchvision), or module:factory / path/to/file.py:factory"
+)
+MODEL_HELP = (
+    "mlp, cnn, cnn1d, resnet18, wrn; or your own: module:factory (importable from the "
+    "working folder or installed, e.g. torchvision.models:resnet18, timm:create_model) "
+    "or path/to/file.py:factory"
+)
+
+
+def json_object(text: str) -> dict[str, Any]:
+    """An argparse type: a JSON object (``--model-kwargs '{"width": 8}'``)."""
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON ({exc}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(
+            f"expected a JSON object such as '{{\"width\": 8}}', got {text!r}"
+        )
+    return value
+
+
+def add_model_kwargs_argument(group: argparse._ArgumentGroup) -> None:
+    group.add_argument(
+        "--model-kwargs",
+        type=json_object,
+        metavar="JSON",
+        help="more keywords for the model's factory, as a JSON object, e.g. "
+        "'{\"num_classes\": 10}'; they add to or replace the ones sharpscope passes "
+        "(num_classes, input_shape where the factory names them); null leaves one out",
+    )
 
 
 def add_data_arguments(parser: argparse.ArgumentParser, default: str | None = "digits") -> None:
@@ -22,8 +59,8 @@ def add_data_arguments(parser: argparse.ArgumentParser, default: str | None = "d
     group.add_argument(
         "--data",
         default=default,
-        choices=DATASETS,
-        help=f"data set (default: {default or 'the checkpoint’s'})",
+        metavar="DATA",
+        help=f"{DATA_HELP} (default: {default or 'the checkpoint’s'})",
     )
     group.add_argument("--data-dir", help="folder holding CIFAR data (cifar10 / cifar100)")
     group.add_argument("--download", action="store_true", help="download CIFAR if missing")
@@ -37,41 +74,51 @@ def add_model_arguments(parser: argparse.ArgumentParser, default: str | None = N
     group.add_argument(
         "--model",
         default=default,
-        help="mlp, cnn, cnn1d, resnet18, wrn, or package.module:factory for your own "
-        "(default: cnn for digits, cnn1d for mnist1d, resnet18 for CIFAR, mlp for synthetic)",
+        help=f"{MODEL_HELP} (default: cnn for digits, cnn1d for mnist1d, resnet18 for CIFAR, "
+        "mlp for synthetic and your own data)",
     )
     group.add_argument("--width", type=int, help="width (units, channels or WRN widen factor)")
     group.add_argument("--depth", type=int, help="depth (hidden layers, conv layers or WRN depth)")
     group.add_argument(
         "--activation", choices=tuple(ACTIVATIONS), help="activation (mlp, cnn, cnn1d)"
     )
+    add_model_kwargs_argument(group)
 
 
 def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
     """How to rebuild a checkpoint: the user's own names for its code and its data.
 
     A checkpoint is data: the model factory it names runs only if ``--model`` names the
-    same one, and CIFAR data is read from ``--data-dir`` (never from a folder the file
-    names) and fetched only with ``--download``.
+    same one, the user's own data it names is read only if ``--data`` names data, and
+    CIFAR data is read from ``--data-dir`` (never from a folder the file names) and
+    fetched only with ``--download``.
     """
     group = parser.add_argument_group(
         "rebuilding a checkpoint",
         "A checkpoint names its architecture and data set. A registry model is built as "
-        "recorded; a model factory it names (package.module:factory) is code, imported "
-        "only if --model names the same factory. Data folders and downloads recorded in "
-        "a file are never used: CIFAR is read from --data-dir, fetched only with --download.",
+        "recorded; a model factory it names (module:factory, file.py:factory) is code, "
+        "imported only if --model names the same factory, and built with the keywords the "
+        "checkpoint records. Your own data a checkpoint names (a file, folder or factory) "
+        "is read only if --data names it; a file whose SHA-256 differs from the recorded "
+        "one is used with a warning. Data folders and downloads recorded in a file are "
+        "never used: CIFAR is read from --data-dir, fetched only with --download.",
     )
     group.add_argument(
         "--model",
-        help="a plain state_dict's architecture (mlp, cnn, cnn1d, resnet18, wrn, or "
-        "package.module:factory), or the factory a checkpoint names, to allow running it",
+        help=f"a plain state_dict's architecture ({MODEL_HELP}), or the factory a "
+        "checkpoint names, to allow running it",
     )
     group.add_argument("--width", type=int, help="plain state_dict: width of --model")
     group.add_argument("--depth", type=int, help="plain state_dict: depth of --model")
     group.add_argument(
         "--activation", choices=tuple(ACTIVATIONS), help="plain state_dict: activation"
     )
-    group.add_argument("--data", choices=DATASETS, help="plain state_dict: its data set")
+    add_model_kwargs_argument(group)
+    group.add_argument(
+        "--data",
+        metavar="DATA",
+        help=f"the data set to evaluate on (default: the checkpoint's): {DATA_HELP}",
+    )
     group.add_argument("--data-dir", help="folder holding CIFAR data (cifar10 / cifar100)")
     group.add_argument(
         "--download", action="store_true", help="download CIFAR into --data-dir if missing"
@@ -81,11 +128,8 @@ def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
 def loading_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """The keywords of :func:`~sharpscope.checkpoint.load_model_and_data` the options of
     :func:`add_checkpoint_arguments` give."""
-    options = {
-        k: v
-        for k, v in (("width", args.width), ("depth", args.depth), ("activation", args.activation))
-        if v is not None
-    }
+    flags = {"width": args.width, "depth": args.depth, "activation": args.activation}
+    options = merge_model_options(flags, args.model_kwargs)
     return {
         "model": args.model,
         "model_options": options,

@@ -266,9 +266,18 @@ def register(subparsers: Any) -> None:
 def _default_out(args: argparse.Namespace) -> str:
     from ..models import DEFAULT_MODEL
 
-    model = args.model or DEFAULT_MODEL.get(args.data, "model")
-    model = model.replace(":", "-").replace("/", "-")
-    return os.path.join("runs", f"{args.data}-{model}-{args.optimizer}")
+    model = args.model or DEFAULT_MODEL.get(args.data, "mlp")
+    return os.path.join("runs", f"{_slug(args.data)}-{_slug(model)}-{args.optimizer}")
+
+
+def _slug(name: str) -> str:
+    """A name as a part of a folder name: a file's or folder's name without its suffix
+    (mydata.npz -> mydata, path/to/net.py:make -> net-make)."""
+    head, colon, attr = name.rpartition(":") if ":" in name else (name, "", "")
+    stem = os.path.basename(head.rstrip("/")) or head
+    if os.path.splitext(stem)[1].lower() in (".py", ".npz", ".pt", ".pth"):
+        stem = os.path.splitext(stem)[0]
+    return (stem + ("-" + attr if colon else "")).replace(".", "-").replace("/", "-")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -285,8 +294,11 @@ def resume_config(out: str, args: argparse.Namespace) -> TrainConfig:
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     given = {k: v for k, v in given_options(args._parser, args._argv).items() if k in names}
     try:
-        # A model factory the file names is imported only if the command line names it.
-        saved = load_run_config(out, model=given.get("model"), quiet=args.quiet)
+        # A model factory the file names is imported only if the command line names it,
+        # and the user's own data it names is read only if the command line names data.
+        saved = load_run_config(
+            out, model=given.get("model"), data=given.get("data"), quiet=args.quiet
+        )
     except NoResumePoint:
         return config_from_args(args)
     location = {name: getattr(args, name) for name in LOCATION_FIELDS}
