@@ -205,10 +205,9 @@ def make_source(
     if batch_size <= 0:
         raise SharpscopeError(f"batch size must be positive, got {batch_size}")
     if _is_tensor_pair(data) or _is_tensor_dict(data):
-        return _sliced(data, batch_size, rank, world)
+        return _sliced(data, batch_size, examples_in, rank, world)
     if isinstance(data, Sequence) and not isinstance(data, str | bytes):
-        batches = list(data)
-        return _held([(b, examples_in(b)) for b in batches], rank, world)
+        return _held(list(data), examples_in, rank, world)
     if isinstance(data, Iterable):
         return _streamed(data, examples_in, rank, world, counted)
     if hasattr(data, "__getitem__") and hasattr(data, "__len__"):
@@ -222,7 +221,7 @@ def make_source(
     )
 
 
-def _sliced(data: Any, batch_size: int, rank: int, world: int) -> Source:
+def _sliced(data: Any, batch_size: int, examples_in: ExamplesIn, rank: int, world: int) -> Source:
     tensors = list(data) if isinstance(data, tuple) else list(data.values())
     lengths = {int(t.shape[0]) if t.dim() else -1 for t in tensors}
     if len(lengths) != 1 or -1 in lengths:
@@ -243,19 +242,26 @@ def _sliced(data: Any, batch_size: int, rank: int, world: int) -> Source:
         for a, b in cuts:
             yield slice_batch(data, a, b, n)
 
-    return Source(batches, hi - lo, in_memory=True, n_batches=len(cuts))
+    examples = hi - lo if examples_in is count_examples else sum(map(examples_in, batches()))
+    return Source(batches, examples, in_memory=True, n_batches=len(cuts))
 
 
-def _held(counted: list[tuple[Any, int]], rank: int, world: int) -> Source:
-    total = sum(k for _, k in counted)
-    lo, hi = total * rank // world, total * (rank + 1) // world
-    mine, start = [], 0
-    for batch, k in counted:
-        a, b = max(lo - start, 0), min(hi - start, k)
-        if b > a:
-            mine.append(batch if (a, b) == (0, k) else slice_batch(batch, a, b, k))
-        start += k
-    return Source(lambda: iter(mine), hi - lo, in_memory=True, n_batches=len(mine))
+def _held(batches: list[Any], examples_in: ExamplesIn, rank: int, world: int) -> Source:
+    """Batches held as given; under a process group cut into contiguous ranges of rows
+    (the first dimension: what slicing cuts, whatever ``examples_in`` weighs)."""
+    rows = [count_examples(b) for b in batches] if world > 1 else []
+    mine = batches
+    if world > 1:
+        total = sum(rows)
+        lo, hi = total * rank // world, total * (rank + 1) // world
+        mine, start = [], 0
+        for batch, k in zip(batches, rows, strict=True):
+            a, b = max(lo - start, 0), min(hi - start, k)
+            if b > a:
+                mine.append(batch if (a, b) == (0, k) else slice_batch(batch, a, b, k))
+            start += k
+    examples = sum(examples_in(b) for b in mine)
+    return Source(lambda: iter(mine), examples, in_memory=True, n_batches=len(mine))
 
 
 def _streamed(

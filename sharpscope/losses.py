@@ -105,9 +105,12 @@ def correct_count(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def class_hits(outputs: Any, targets: Any) -> torch.Tensor | None:
-    """:func:`correct_count` where accuracy is defined, None elsewhere: targets that are
-    integer class indices, predictions with one more (class) dimension than them."""
+    """:func:`correct_count` where accuracy is defined, None elsewhere: one integer class
+    index per example (targets of shape (n,)), predictions of shape (n, C). Targets per
+    token (a language model's) have no per-example accuracy: None."""
     if not isinstance(targets, torch.Tensor) or targets.is_floating_point():
+        return None
+    if targets.dim() != 1:
         return None
     if targets.dtype in (torch.bool, torch.uint8) or targets.is_complex():
         return None

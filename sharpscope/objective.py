@@ -90,6 +90,10 @@ class Layout:
     shapes: tuple[torch.Size, ...]
     offsets: tuple[int, ...]
     numel: int
+    # Each parameter's own dtype: a model may keep some in another precision (float32
+    # norms in a bf16 model); the flat vector holds all in the widest, and each piece is
+    # cast back to its parameter's dtype.
+    dtypes: tuple[torch.dtype, ...] = ()
 
     @classmethod
     def of(cls, model: nn.Module, names: list[str]) -> Layout:
@@ -99,7 +103,8 @@ class Layout:
         for s in shapes:
             offsets.append(total)
             total += s.numel()
-        return cls(tuple(names), shapes, tuple(offsets), total)
+        dtypes = tuple(params[n].dtype for n in names)
+        return cls(tuple(names), shapes, tuple(offsets), total, dtypes)
 
     def unflatten(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
         """Views of flat ``w`` (shape (numel,)) with each parameter's shape.
@@ -111,8 +116,10 @@ class Layout:
         """
         sizes = [s.numel() for s in self.shapes]
         pieces = torch.split(w, sizes)
+        dtypes = self.dtypes or (w.dtype,) * len(sizes)
         return {
-            n: piece.view(s) for n, s, piece in zip(self.names, self.shapes, pieces, strict=True)
+            n: piece.view(s).to(dtype)
+            for n, s, piece, dtype in zip(self.names, self.shapes, pieces, dtypes, strict=True)
         }
 
     def flatten(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -232,12 +239,15 @@ class Objective:
         params = dict(model.named_parameters())
         first = params[names[0]]
         self.device = torch.device(device) if device is not None else first.device
-        self.dtype = first.dtype
-        self.accumulate_dtype = accumulate_dtype or self.dtype
-        # Fixed state: parameters outside the filter, and buffers (BN running stats).
+        # Fixed state: parameters outside the filter, and buffers (BN running stats),
+        # copied: a forward pass that updates a buffer in place must not reach the model.
         self._fixed = {n: p.detach().to(self.device) for n, p in params.items() if n not in names}
-        self._fixed.update({n: b.to(self.device) for n, b in model.named_buffers()})
+        self._fixed.update(
+            {n: b.detach().to(self.device, copy=True) for n, b in model.named_buffers()}
+        )
         self.w0 = self.layout.flatten({n: params[n].detach() for n in names}).to(self.device)
+        self.dtype = self.w0.dtype  # the widest of the parameters' dtypes
+        self.accumulate_dtype = accumulate_dtype or self.dtype
         if distributed is None:
             distributed = dist.is_available() and dist.is_initialized()
         self.distributed = bool(distributed) and dist.get_world_size() > 1
@@ -299,6 +309,11 @@ class Objective:
                     "batch_loss must return the batch's mean loss as a one-element tensor, "
                     f"got {type(loss).__name__}"
                     + (f" of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else "")
+                )
+            if torch.is_grad_enabled() and not loss.requires_grad:
+                raise SharpscopeError(
+                    "batch_loss returned a loss that does not depend on the weights "
+                    "(computed under torch.no_grad(), or detached)"
                 )
             return loss.reshape(()), None
         if not (isinstance(batch, list | tuple) and len(batch) == 2):
@@ -515,6 +530,11 @@ def model_fits_data() -> Iterator[None]:
     except (RuntimeError, IndexError, ValueError) as exc:
         raise SharpscopeError(
             f"the model cannot be evaluated on this data: {first_line(exc)}"
+        ) from exc
+    except (TypeError, AttributeError) as exc:  # e.g. a dict of inputs given as a tensor
+        raise SharpscopeError(
+            f"the model cannot be evaluated on this data: {first_line(exc)} (batches that "
+            "are not (inputs, targets) tensors need batch_loss=(model, batch) -> loss)"
         ) from exc
 
 

@@ -31,7 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import distributed
-from .batches import join_batches, slice_batch, to_device
+from .batches import count_examples, join_batches, slice_batch, to_device
 from .checks import is_real, is_whole
 from .errors import SharpscopeError
 from .objective import Objective, make_objective
@@ -375,9 +375,10 @@ def _micro_batches(obj: Objective, m: int) -> list[Objective]:
             rounds = itertools.zip_longest(*shards)
             batches = [b for batch_round in rounds for b in batch_round if b is not None]
         batches = [to_device(b, obj.device) for b in batches]
-    forward_batch = max(obj.examples_in(b) for b in batches)  # the objective's pass size
+    # Groups of m rows (the first dimension, what slicing cuts; examples_in only weighs).
+    forward_batch = max(count_examples(b) for b in batches)  # the objective's pass size
     every = join_batches(batches)
-    n = obj.examples_in(every)
+    n = count_examples(every)
     names = set(obj.layout.names)
     return [
         Objective(

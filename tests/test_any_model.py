@@ -389,3 +389,98 @@ def test_timm_vit_through_the_hessian():
     top = ss.hessian_eigenvalues(obj, k=1, return_eigenvectors=True, tol=1e-3)
     v = top.eigenvectors[0]
     assert (obj.hvp(v) - top.eigenvalues[0] * v).norm() <= 1e-2 * abs(top.eigenvalues[0])
+
+
+# -- what a review with real models found ---------------------------------------------------
+
+
+def test_targets_per_token_have_no_per_example_accuracy():
+    """A language model's (n, T) targets: hits per token over n sequences would exceed 1."""
+    model = nn.Sequential(nn.Embedding(7, 5), nn.Linear(5, 7))
+    ids = torch.randint(7, (6, 4), generator=torch.Generator().manual_seed(0))
+
+    def per_token(out, y):
+        return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
+
+    assert Objective(model, (ids, ids), per_token).evaluate()["accuracy"] is None
+
+
+def test_m_sharpness_groups_rows_whatever_examples_in_weighs():
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2).double()
+    x = torch.randn(6, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    y = torch.tensor([0, 1, 0, 1, 1, 0])
+    batches = [(x[:4], y[:4]), (x[4:], y[4:])]
+    weighed = ss.sharpness(model, batches, m=3, steps=3, examples_in=lambda b: 5 * len(b[1]))
+    plain = ss.sharpness(model, batches, m=3, steps=3)
+    assert len(weighed.per_batch) == len(plain.per_batch) == 2
+    assert weighed.per_batch == pytest.approx(plain.per_batch, rel=1e-12)
+
+
+def test_examples_in_is_honoured_for_tensors_held_in_memory():
+    model = nn.Linear(3, 2).double()
+    x = torch.randn(9, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    y = torch.randint(2, (9,), generator=torch.Generator().manual_seed(3))
+    doubled = Objective(model, (x, y), batch_size=4, examples_in=lambda b: 2 * len(b[1]))
+    assert doubled.n_examples == 18
+    assert doubled.value() == pytest.approx(
+        Objective(model, (x, y), batch_size=4).value(), rel=1e-14
+    )
+
+
+class MixedPrecision(nn.Module):
+    """Parameters of two dtypes, the model casting between them itself (as a bf16 model
+    with float32 norms does)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 5).double()
+        self.b = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x.double())).float())
+
+
+def test_parameters_of_two_dtypes_keep_their_own():
+    torch.manual_seed(0)
+    model = MixedPrecision()
+    x, y = torch.randn(8, 4), torch.randint(3, (8,))
+    obj = Objective(model, (x, y))
+    assert obj.w0.dtype == torch.float64
+    loss = F.cross_entropy(model(x), y)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    assert obj.value() == pytest.approx(loss.item(), rel=1e-6)
+    direct = torch.cat([g.double().reshape(-1) for g in grads])
+    assert torch.allclose(obj.grad(), direct, rtol=1e-5, atol=1e-7)
+    assert ss.hessian_eigenvalues(obj, k=1, tol=1e-3).converged
+
+
+class Counting(nn.Module):
+    """A forward pass that updates a buffer in place."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x):
+        self.calls += 1
+        return self.lin(x)
+
+
+def test_a_buffer_updated_by_the_forward_pass_stays_the_users():
+    model = Counting()
+    Objective(model, (torch.randn(4, 3), torch.zeros(4, dtype=torch.long))).value()
+    assert model.calls.item() == 0
+
+
+def test_a_batch_loss_without_a_graph_is_refused_in_one_line():
+    model = nn.Linear(3, 2)
+    data = [{"x": torch.randn(4, 3), "y": torch.zeros(4, dtype=torch.long)}]
+
+    def detached(m, b):
+        with torch.no_grad():
+            return F.cross_entropy(m(b["x"]), b["y"])
+
+    with pytest.raises(SharpscopeError, match="does not depend on the weights"):
+        ss.hessian_eigenvalues(model, data, batch_loss=detached)
