@@ -33,10 +33,18 @@ from .checkpoint import check_trusted_model, read_checkpoint
 from .data import data_spec_from_file
 from .errors import SharpscopeError
 from .files import LOCK_NAME, exclusive_lock, json_safe, remove_stale_temporaries, write_json
+from .groups import document_numbers, group_statistics
 from .landscape import interpolation_for_checkpoints, landscape_for_checkpoint
 from .measure import measure_checkpoint
 from .plots import shared_color_scale
-from .report import FIGURE_FORMATS, FIGURES, draw_figures, write_report
+from .report import (
+    BAND_FIGURE,
+    FIGURE_FORMATS,
+    FIGURES,
+    draw_band_figure,
+    draw_figures,
+    write_report,
+)
 from .settings import CompareSettings, Loading, settings_from, split_keywords
 from .surface import Surface
 
@@ -49,13 +57,13 @@ OUTPUTS = (
     "2d_b.npz",
     "results.json",
     "report.md",
-    *(f"{name}.{fmt}" for name in FIGURES for fmt in FIGURE_FORMATS),
+    *(f"{name}.{fmt}" for name in (*FIGURES, BAND_FIGURE) for fmt in FIGURE_FORMATS),
 )
 
 
 def compare_checkpoints(
-    path_a: str,
-    path_b: str,
+    path_a: str | Sequence[str],
+    path_b: str | Sequence[str],
     out: str,
     settings: CompareSettings | None = None,
     *,
@@ -77,6 +85,13 @@ def compare_checkpoints(
     ``training`` (how the two were trained, as :func:`~sharpscope.demo.demo` records it)
     is added to the report and the JSON. Returns the ``results.json`` document.
 
+    Groups: ``path_a`` and ``path_b`` may each be several checkpoints (e.g. one per
+    seed). The pictures are of the first of each; every checkpoint is measured, and with
+    ``draws`` > 1 its 1-D curve is drawn along that many direction draws; the document
+    then gains "statistics": every number as each group's mean ± standard error, and the
+    difference with Welch's test and its 95% interval (:mod:`sharpscope.groups`), and
+    report.md a table of them with a figure of the mean 1-D curves and their bands.
+
     Everything is checked before any work (settings, both checkpoints, same
     architecture, ``out`` empty or ``overwrite``), and the files are written to a
     staging folder inside ``out`` and moved into place only when all are done: a
@@ -85,7 +100,9 @@ def compare_checkpoints(
     """
     keywords, loading = split_keywords(keywords)
     s = settings_from(CompareSettings, settings, keywords)
-    _check_inputs(path_a, path_b, out, loading)
+    group_a, group_b = _group(path_a, "A"), _group(path_b, "B")
+    path_a, path_b = group_a[0], group_b[0]
+    _check_inputs([*group_a, *group_b], out, loading)
     say = log or (lambda message: None)
     run = {"settings": s, "loading": loading, "device": device, "progress": progress}
     with _staging_folder(out, overwrite) as stage:
@@ -104,13 +121,109 @@ def compare_checkpoints(
         seconds["figures"] = time.perf_counter() - start
         document = _document(s, device, path_a, path_b, labels, interp, curves, planes)
         document.update(measure=measured, figures=figures, seconds=seconds)
+        if len(group_a) > 1 or len(group_b) > 1 or s.draws > 1:
+            stats = _statistics((group_a, group_b), measured, curves, run, say, seconds)
+            document.update(groups={"a": group_a, "b": group_b}, **stats)
+            document["figures"][BAND_FIGURE] = draw_band_figure(stage, stats["bands"], labels)
         document.update({"1d_log": logs["1d"], "interpolation_log": logs["interpolation"]})
         if training is not None:
             document["training"] = training
         write_report(stage, document, measured, labels)
         write_json(os.path.join(stage, "results.json"), json_safe(document))
-        _move_into_place(stage, out, (path_a, path_b))
+        _move_into_place(stage, out, (*group_a, *group_b))
     return document
+
+
+def _group(paths: str | os.PathLike | Sequence[str], side: str) -> list[str]:
+    """The checkpoints of one side: one path, or a non-empty sequence of them."""
+    if isinstance(paths, str | os.PathLike):
+        return [os.fspath(paths)]
+    group = [os.fspath(p) for p in paths]
+    if not group:
+        raise SharpscopeError(f"group {side} has no checkpoints")
+    if len(set(map(os.path.realpath, group))) != len(group):
+        raise SharpscopeError(f"group {side} names one checkpoint twice")
+    return group
+
+
+def _statistics(groups, measured, curves, run: dict[str, Any], say, seconds) -> dict[str, Any]:
+    """Every checkpoint's numbers (its measure document; the mean rise of its 1-D curves
+    over ``draws`` direction draws), their statistics by group, and each group's mean
+    1-D curve with its standard error over checkpoints and draws."""
+    s: CompareSettings = run["settings"]
+    start = time.perf_counter()
+    numbers: list[list[dict[str, float]]] = [[], []]
+    bands = []
+    for side, group in enumerate(groups):
+        losses = []
+        for index, path in enumerate(group):
+            doc = measured[side] if index == 0 and measured else None
+            if doc is None and s.measure:
+                say(f"measure {path}")
+                doc = _measure_one(path, run)
+            row = document_numbers(doc) if doc is not None else {}
+            draws = []
+            for draw in range(s.draws):
+                if index == 0 and draw == 0:
+                    draws.append(curves[side])  # the picture's curve: draw 0 of the first
+                    continue
+                say(f"1-D landscape of {path}, direction draw {draw}")
+                draws.append(_curve(path, draw, run))
+            rises = [landscape_summary(c)["mean_rise"] for c in draws]
+            row[f"1-D mean rise ({s.draws} draw{'s' * (s.draws > 1)})"] = float(np.mean(rises))
+            losses += [np.asarray(c.loss, dtype=float) for c in draws]
+            numbers[side].append(row)
+        stacked = np.stack(losses)
+        stderr = stacked.std(axis=0, ddof=1) / math.sqrt(len(stacked)) if len(stacked) > 1 else None
+        bands.append(
+            {
+                "coords": np.asarray(curves[side].coords_a).tolist(),
+                "mean": stacked.mean(axis=0).tolist(),
+                "stderr": None if stderr is None else stderr.tolist(),
+                "curves": len(stacked),
+            }
+        )
+    seconds["statistics"] = time.perf_counter() - start
+    return {
+        "numbers": {"a": numbers[0], "b": numbers[1]},
+        "statistics": group_statistics(numbers[0], numbers[1]),
+        "bands": bands,
+    }
+
+
+def _measure_one(path: str, run: dict[str, Any]) -> dict[str, Any]:
+    s: CompareSettings = run["settings"]
+    return measure_checkpoint(
+        path,
+        split=s.split,
+        samples=s.samples,
+        batch_size=s.batch_size,
+        trace_samples=s.trace_samples,
+        seed=s.seed,
+        device=run["device"],
+        progress=run["progress"],
+        **run["loading"].keywords(),
+    )
+
+
+def _curve(path: str, draw: int, run: dict[str, Any]) -> Surface:
+    """The 1-D curve of checkpoint ``path`` along direction draw ``draw`` (same examples)."""
+    s: CompareSettings = run["settings"]
+    return landscape_for_checkpoint(
+        path,
+        dim=1,
+        points=s.points,
+        range=s.range,
+        directions=s.directions,
+        seed=s.seed,
+        draw=draw,
+        split=s.split,
+        samples=s.samples,
+        batch_size=s.batch_size,
+        device=run["device"],
+        progress=run["progress"],
+        **run["loading"].keywords(),
+    )
 
 
 def _interpolation(path_a: str, path_b: str, labels, run: dict[str, Any]) -> Surface:
@@ -146,19 +259,7 @@ def _measure_both(paths, labels, run: dict[str, Any], say, seconds) -> list[dict
     measured = []
     for path, label in zip(paths, labels, strict=True):
         say(f"measure {label}")
-        measured.append(
-            measure_checkpoint(
-                path,
-                split=s.split,
-                samples=s.samples,
-                batch_size=s.batch_size,
-                trace_samples=s.trace_samples,
-                seed=s.seed,
-                device=run["device"],
-                progress=run["progress"],
-                **run["loading"].keywords(),
-            )
-        )
+        measured.append(_measure_one(path, run))
     seconds["measure"] = time.perf_counter() - start
     return measured
 
@@ -220,14 +321,14 @@ def _document(s, device, path_a, path_b, labels, interp, curves, planes) -> dict
     }
 
 
-def _check_inputs(path_a: str, path_b: str, out: str, loading: Loading) -> None:
-    """The refusals of the two checkpoints and the output folder, before any work."""
+def _check_inputs(paths: Sequence[str], out: str, loading: Loading) -> None:
+    """The refusals of the checkpoints and the output folder, before any work."""
     if not str(out).strip():
         raise SharpscopeError("the output folder is empty: give one")
     if os.path.exists(out) and not os.path.isdir(out):
         raise SharpscopeError(f"{out} exists and is not a folder")
     specs = []
-    for path in (path_a, path_b):
+    for path in paths:
         meta = read_checkpoint(path)  # missing, foreign or unsafe files: one clear line
         if "model" not in meta:
             raise SharpscopeError(
@@ -245,10 +346,11 @@ def _check_inputs(path_a: str, path_b: str, out: str, loading: Loading) -> None:
                 raise SharpscopeError(
                     f"{path} is where compare writes {name}: move it, or choose another --out"
                 )
-    if specs[0] != specs[1]:
-        raise SharpscopeError(
-            f"{path_a} and {path_b} have different architectures: nothing to compare"
-        )
+    for path, spec in zip(paths[1:], specs[1:], strict=True):
+        if spec != specs[0]:
+            raise SharpscopeError(
+                f"{paths[0]} and {path} have different architectures: nothing to compare"
+            )
 
 
 def _same_file(a: str, b: str) -> bool:

@@ -201,6 +201,7 @@ def _landscape(net, data, forms, s, record, bn_batches, run_dir, device, resume_
         "split": record.pop("split"),
         "n_examples": obj.n_examples,
         "seed": s.seed,
+        "draw": s.draw,
         "directions": s.directions,
         "normalization": s.directions if s.directions in NORMALIZATIONS else "unit",
         "include_1d": s.include_1d if s.directions in NORMALIZATIONS else None,
@@ -252,7 +253,7 @@ def _directions(
     traj = None
     if s.directions in NORMALIZATIONS:
         raws = [
-            raw_direction(obj.layout, s.seed, obj.w0.dtype, obj.device, index=i)
+            raw_direction(obj.layout, s.seed, obj.w0.dtype, obj.device, index=2 * s.draw + i)
             for i in range(s.dim)
         ]
         ds = [normalize_direction(r, obj.w0, obj.layout, s.directions, s.include_1d) for r in raws]

@@ -10,13 +10,46 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+
 from .files import write_text
+from .groups import format_statistics
 from .measure import format_table
 from .plots import plot_1d, plot_2d, shared_color_scale
 from .surface import Surface
 
 FIGURE_FORMATS = ("pdf", "png")  # vector for the paper, PNG for report.md
 FIGURES = ("interpolation", "1d", "2d_contour", "2d_surface3d")
+# Groups of runs: each group's mean 1-D curve with a band of one standard error.
+BAND_FIGURE = "1d_band"
+
+
+def draw_band_figure(
+    out: str, bands: Sequence[dict[str, Any]], labels: tuple[str, str]
+) -> list[str]:
+    """Each group's mean 1-D curve over its checkpoints and direction draws, with a band
+    of one standard error, as PDF and PNG; returns the file names."""
+    from matplotlib.figure import Figure
+
+    from .plots import _width, paper_style, save_figure
+
+    files = []
+    for fmt in FIGURE_FORMATS:
+        with paper_style():
+            fig = Figure(figsize=(_width(1), 2.6), layout="constrained")
+            ax = fig.subplots()
+            for band, label in zip(bands, labels, strict=True):
+                x, mean = np.asarray(band["coords"]), np.asarray(band["mean"])
+                (line,) = ax.plot(x, mean, label=f"{label} (mean of {band['curves']})")
+                if band["stderr"] is not None:
+                    se = np.asarray(band["stderr"])
+                    ax.fill_between(x, mean - se, mean + se, color=line.get_color(), alpha=0.25)
+            ax.set_xlabel("α (filter-normalized random direction)")
+            ax.set_ylabel("loss (mean ± s.e.)")
+            ax.legend()
+            save_figure(fig, os.path.join(out, f"{BAND_FIGURE}.{fmt}"))
+        files.append(f"{BAND_FIGURE}.{fmt}")
+    return files
 
 
 # -- figures and report --------------------------------------------------------------
@@ -57,8 +90,28 @@ def write_report(
         lines += _training(doc, labels)
     if measured:
         lines += ["## Measurements", "", "```", format_table(measured, list(labels)), "```", ""]
+    if "statistics" in doc:
+        lines += _statistics(doc, labels)
     lines += _landscape_numbers(doc, labels) + _figure_sections(doc) + _files(doc)
     write_text(os.path.join(out, "report.md"), "\n".join(lines))
+
+
+def _statistics(doc: dict[str, Any], labels: tuple[str, str]) -> list[str]:
+    groups, draws = doc["groups"], doc["settings"]["draws"]
+    return [
+        "## Statistics over seeds and direction draws",
+        "",
+        f"{labels[0]}: {len(groups['a'])} checkpoint(s), {labels[1]}: {len(groups['b'])}; "
+        f"1-D curves along {draws} direction draw(s) each. Every number is the group's mean ± "
+        "standard error over its checkpoints (n); the difference is Welch's two-sample test "
+        "(no equal-variance assumption) with its 95% interval. A difference whose interval "
+        "contains 0 is not established by these runs.",
+        "",
+        *format_statistics(doc["statistics"], labels),
+        "",
+        f"![mean 1-D curves]({BAND_FIGURE}.png)",
+        "",
+    ]
 
 
 def _head(doc: dict[str, Any], labels: tuple[str, str]) -> list[str]:

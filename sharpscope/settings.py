@@ -42,6 +42,12 @@ DEFAULT_EIG_TOL = 1e-4  # relative residual of eigenpairs (benchmarks/bench_hess
 # Li et al. (2018), Figs. 1-6 and their code's examples: [-1, 1] with 51 points per axis.
 DEFAULT_RANGE = (-1.0, 1.0)
 DEFAULT_POINTS = 51
+# Direction draws: indices of seeded Gaussian draws, two per draw; the cap only keeps the
+# index a plain integer (no analysis needs more than a handful of draws).
+MAX_DRAW = 10**6
+# Direction draws per checkpoint when groups of runs are compared: enough for a standard
+# error, few enough that a curve per draw stays cheap next to the measurements.
+DEFAULT_DRAWS = 3
 # Goodfellow et al. (2015) and Li et al. (2018, Fig. 2) plot t in [-0.5, 1.5]; 401
 # points as in the 1-D interpolation example of Li et al.'s code (tomgoldstein/
 # loss-landscape, README: --x=-0.5:1.5:401). Its step 0.005 puts t = 0 and t = 1 on the
@@ -169,7 +175,10 @@ class LandscapeSettings(SurfaceSettings):
     None ((-1, 1) for random directions as Li et al. 2018, "auto" for Hessian and PCA
     directions, whose unit-norm vectors have no natural scale). ``directions``: "filter",
     "layer", "none" (normalizations of seeded Gaussian directions), "hessian" or "pca"
-    (of the run in ``trajectory``, default the checkpoint's folder).
+    (of the run in ``trajectory``, default the checkpoint's folder). ``draw``: which
+    draw of random directions, on the same examples: draw k uses Gaussian draws 2k and
+    2k + 1 of ``seed`` (draw 0: d1 and d2 are draws 0 and 1), so landscapes over several
+    draws show how much one picture depends on its directions.
     """
 
     dim: int = 1
@@ -180,9 +189,16 @@ class LandscapeSettings(SurfaceSettings):
     include_1d: bool = False
     trajectory: str | None = None
     save_directions: bool = False
+    draw: int = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if not is_whole(self.draw) or not 0 <= self.draw <= MAX_DRAW:
+            raise SharpscopeError(
+                f"draw must be a whole number in 0..{MAX_DRAW}, got {self.draw!r}"
+            )
+        if self.draw and self.directions not in NORMALIZATIONS:
+            raise SharpscopeError("draw applies to random directions (filter, layer, none)")
         if self.dim not in (1, 2) or isinstance(self.dim, bool):
             raise SharpscopeError(f"dim must be 1 or 2, got {self.dim!r}")
         if isinstance(self.points, list):
@@ -240,7 +256,8 @@ class CompareSettings(EvaluationSettings):
     """Two minima side by side: the interpolation (``points`` on
     ``interpolation_range``), 1-D curves (``points`` on ``range``) and 2-D surfaces
     (``points_2d`` per axis) along ``directions``, and the measure table (``measure``;
-    its trace on ``trace_samples`` probes)."""
+    its trace on ``trace_samples`` probes). ``draws``: 1-D curves of every checkpoint
+    along that many direction draws, for statistics over draws (and seeds)."""
 
     points: int = DEFAULT_POINTS
     points_2d: int = DEFAULT_POINTS
@@ -249,11 +266,15 @@ class CompareSettings(EvaluationSettings):
     directions: str = "filter"
     measure: bool = True
     trace_samples: int = DEFAULT_TRACE_SAMPLES
+    draws: int = 1
 
     def __post_init__(self) -> None:
         super().__post_init__()
         for name in ("points", "points_2d"):
             _positive(name, getattr(self, name), low=2)
+        _positive("draws", self.draws)
+        if self.draws > MAX_DRAW:
+            raise SharpscopeError(f"draws must be at most {MAX_DRAW}, got {self.draws}")
         check_grid_points(self.points_2d, self.points_2d)
         interpolation = check_range(self.interpolation_range, "interpolation range")
         object.__setattr__(self, "range", check_range(self.range))

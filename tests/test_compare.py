@@ -261,3 +261,61 @@ def test_demo_refuses_to_train_over_an_earlier_demo(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path / "demo"), "--quick"]) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert not (tmp_path / "demo" / "sgd").exists()  # failed before training anything
+
+
+# -- groups of runs ---------------------------------------------------------------------------
+
+
+def test_groups_report_every_number_with_its_spread_and_the_difference(tmp_path):
+    """Two checkpoints a side: every number is the group's mean ± s.e. of the same number
+    measured on each checkpoint alone, the difference is Welch's test of those values, and
+    the 1-D rise averages the direction draws of each checkpoint."""
+    from sharpscope.landscape import landscape_for_checkpoint
+    from sharpscope.measure import measure_checkpoint
+    from sharpscope.stats import welch
+
+    a = [tiny_checkpoint(tmp_path / f"a{i}.pt", i) for i in range(2)]
+    b = [tiny_checkpoint(tmp_path / f"b{i}.pt", 10 + i, width=3) for i in range(2)]
+    out = tmp_path / "groups"
+    doc = compare.compare_checkpoints(a, b, str(out), labels=("SGD", "SAM"), draws=2, **SMALL)
+    assert doc["groups"] == {"a": a, "b": b}
+    stats = doc["statistics"]
+    single = measure_checkpoint(b[1], samples=64, trace_samples=4)
+    assert doc["numbers"]["b"][1]["top eigenvalue"] == pytest.approx(
+        single["hessian"]["eigenvalues"][0], rel=1e-9
+    )
+    row = stats["top eigenvalue"]
+    values_a = [n["top eigenvalue"] for n in doc["numbers"]["a"]]
+    values_b = [n["top eigenvalue"] for n in doc["numbers"]["b"]]
+    assert row["a"]["mean"] == pytest.approx(np.mean(values_a), rel=1e-12)
+    assert row["a"]["stderr"] == pytest.approx(np.std(values_a, ddof=1) / math.sqrt(2), rel=1e-9)
+    assert row["difference"]["p"] == pytest.approx(welch(values_a, values_b).p, rel=1e-12)
+    rise = "1-D mean rise (2 draws)"
+    curves = [landscape_for_checkpoint(a[1], dim=1, points=5, samples=64, draw=d) for d in range(2)]
+    expected = np.mean([compare.landscape_summary(c)["mean_rise"] for c in curves])
+    assert doc["numbers"]["a"][1][rise] == pytest.approx(expected, rel=1e-12)
+    assert doc["bands"][0]["curves"] == 4  # 2 checkpoints x 2 draws
+    text = (out / "report.md").read_text()
+    assert "## Statistics over seeds and direction draws" in text and "| top eigenvalue |" in text
+    assert {"1d_band.pdf", "1d_band.png"} <= set(os.listdir(out))
+    assert json.loads((out / "results.json").read_text())["statistics"].keys() == stats.keys()
+
+
+def test_groups_on_the_command_line(tmp_path, capsys):
+    a = [tiny_checkpoint(tmp_path / f"a{i}.pt", i) for i in range(2)]
+    b = [tiny_checkpoint(tmp_path / f"b{i}.pt", 5 + i) for i in range(2)]
+    small = ["--points", "3", "--points-2d", "3", "--samples", "32", "--trace-samples", "2"]
+    out = tmp_path / "cli"
+    code = main(["compare", "--a", *a, "--b", *b, "--out", str(out), "--quiet", *small])
+    assert code == 0
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["settings"]["draws"] == 3 and len(doc["numbers"]["a"]) == 2
+    x = str(tmp_path / "x")
+    for argv, message in [
+        (["compare", "--a", *a, "--out", x, *small], "--a and --b"),
+        (["compare", a[0], "--out", x, *small], "A.pt B.pt"),
+        (["compare", "--a", a[0], a[0], "--b", *b, "--out", x], "twice"),
+        (["compare", *a, "--draws", "0", "--out", x], "draws"),
+    ]:
+        assert message in exit2(argv, capsys)
+    assert not (tmp_path / "x").exists()

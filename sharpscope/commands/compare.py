@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 
 from ..compare import compare_checkpoints
 from ..devices import resolve_device
 from ..directions import NORMALIZATIONS
-from ..settings import QUICK, SPLITS, CompareSettings
+from ..errors import SharpscopeError
+from ..settings import DEFAULT_DRAWS, QUICK, SPLITS, CompareSettings
 from .common import (
     add_checkpoint_arguments,
     add_device_argument,
@@ -30,8 +32,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "Writes DIR/report.md (the figures and the table), DIR/results.json (every "
         "number with its settings), the surfaces (.npz) and the figures (PDF and PNG).",
     )
-    p.add_argument("checkpoint_a", metavar="A.pt")
-    p.add_argument("checkpoint_b", metavar="B.pt")
+    p.add_argument("checkpoint_a", metavar="A.pt", nargs="?")
+    p.add_argument("checkpoint_b", metavar="B.pt", nargs="?")
+    p.add_argument(
+        "--a",
+        nargs="+",
+        metavar="A.pt",
+        help="group A: several checkpoints (e.g. one per seed: --a runs/sgd-*/checkpoint.pt) "
+        "instead of A.pt; numbers are then reported as mean ± standard error with Welch's "
+        "test of the difference",
+    )
+    p.add_argument("--b", nargs="+", metavar="B.pt", help="group B (see --a)")
+    p.add_argument(
+        "--draws",
+        type=int,
+        help=f"direction draws for the 1-D curves of every checkpoint (default: 1 for two "
+        f"checkpoints, {DEFAULT_DRAWS} for groups)",
+    )
     add_compare_arguments(p)
     add_checkpoint_arguments(p)
     p.set_defaults(func=run)
@@ -142,12 +159,27 @@ def run_options(args: argparse.Namespace) -> dict:
     }
 
 
+def _groups(args: argparse.Namespace) -> tuple[list[str], list[str]]:
+    """The two sides: A.pt B.pt, or --a ... --b ... (one way, not both)."""
+    pair = [args.checkpoint_a, args.checkpoint_b]
+    if args.a is None and args.b is None:
+        if None in pair:
+            raise SharpscopeError("compare needs A.pt B.pt, or groups --a ... --b ...")
+        return [pair[0]], [pair[1]]
+    if args.a is None or args.b is None or pair != [None, None]:
+        raise SharpscopeError("give both groups with --a and --b, and no A.pt B.pt besides")
+    return args.a, args.b
+
+
 def run(args: argparse.Namespace) -> int:
+    group_a, group_b = _groups(args)
+    grouped = len(group_a) > 1 or len(group_b) > 1
+    draws = args.draws if args.draws is not None else DEFAULT_DRAWS if grouped else 1
     compare_checkpoints(
-        args.checkpoint_a,
-        args.checkpoint_b,
+        group_a,
+        group_b,
         args.out,
-        compare_settings(args),
+        dataclasses.replace(compare_settings(args), draws=draws),
         labels=tuple(args.labels) if args.labels else None,
         overwrite=args.overwrite,
         **run_options(args),
