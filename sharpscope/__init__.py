@@ -4,7 +4,7 @@ Train with SAM or SGD, measure worst-case sharpness and Hessian spectra, and dra
 loss landscapes, all as functions of one objective L(w) (see docs/design.md).
 """
 
-from . import losses
+from . import figures, losses, stats
 from .checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from .compare import compare_checkpoints
 from .data import Dataset, load_dataset
@@ -26,7 +26,9 @@ from .train import TrainConfig, train
 __version__ = "0.1.0"
 
 __all__ = [
+    "figures",
     "losses",
+    "stats",
     "GSAM",
     "SAM",
     "TrainConfig",

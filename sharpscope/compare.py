@@ -122,6 +122,7 @@ def compare_checkpoints(
         document = _document(s, device, path_a, path_b, labels, interp, curves, planes)
         document.update(measure=measured, figures=figures, seconds=seconds)
         if len(group_a) > 1 or len(group_b) > 1 or s.draws > 1:
+            run["training"] = training
             stats = _statistics((group_a, group_b), measured, curves, run, say, seconds)
             document.update(groups={"a": group_a, "b": group_b}, **stats)
             document["figures"][BAND_FIGURE] = draw_band_figure(stage, stats["bands"], labels)
@@ -162,6 +163,7 @@ def _statistics(groups, measured, curves, run: dict[str, Any], say, seconds) -> 
                 say(f"measure {path}")
                 doc = _measure_one(path, run)
             row = document_numbers(doc) if doc is not None else {}
+            row.update(_training_numbers(path, run.get("training")))
             draws = []
             for draw in range(s.draws):
                 if index == 0 and draw == 0:
@@ -189,6 +191,17 @@ def _statistics(groups, measured, curves, run: dict[str, Any], say, seconds) -> 
         "statistics": group_statistics(numbers[0], numbers[1]),
         "bands": bands,
     }
+
+
+def _training_numbers(path: str, training: dict[str, Any] | None) -> dict[str, float]:
+    """The final test accuracy a run's training reports (on its whole test set), for the
+    checkpoint at ``path`` (the "checkpoint" entry of a :func:`~sharpscope.demo.demo`
+    training record)."""
+    for record in (training or {}).values():
+        if record.get("checkpoint") and _same_file(record["checkpoint"], path):
+            accuracy = record.get("metrics", {}).get("test_accuracy")
+            return {} if accuracy is None else {"final test accuracy (whole test set)": accuracy}
+    return {}
 
 
 def _measure_one(path: str, run: dict[str, Any]) -> dict[str, Any]:

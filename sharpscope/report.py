@@ -131,11 +131,15 @@ def _head(doc: dict[str, Any], labels: tuple[str, str]) -> list[str]:
 
 def _training(doc: dict[str, Any], labels: tuple[str, str]) -> list[str]:
     lines = ["## Training", ""]
-    for label, run in zip(labels, doc["training"].values(), strict=True):
+    runs = doc["training"]
+    names = list(labels) if len(runs) == 2 else list(runs)  # a pair, or one line per run
+    for name, run in zip(names, runs.values(), strict=True):
         m = run["metrics"]
+        accuracy = m.get("test_accuracy")
+        shown = f"{accuracy:.2%}" if accuracy is not None else "-"
         lines.append(
-            f"- {label}: `{run['command']}` ({run['seconds']:.0f} s): train loss "
-            f"{m['train_eval_loss']:.4g}, test accuracy {m['test_accuracy']:.2%}"
+            f"- {name}: `{run['command']}` ({run['seconds']:.0f} s): train loss "
+            f"{m['train_eval_loss']:.4g}, test accuracy {shown}"
         )
     return [*lines, ""]
 

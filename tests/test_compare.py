@@ -243,24 +243,30 @@ def test_compare_command_exit_codes(checkpoints, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_demo_end_to_end(tmp_path):
-    """Two short trainings and a quick compare; every output of the demo is there."""
+    """Short trainings over two seeds and a quick compare of the two groups; every output
+    of the demo is there, and the statistics hold the trainings' own test accuracies."""
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--quick", "--epochs", "2", "--quiet"]) == 0
-    for run in ("sgd", "sam"):
+    argv = ["demo", "--out", str(out), "--quick", "--epochs", "2", "--seeds", "2", "--quiet"]
+    assert main(argv) == 0
+    runs = {f"{optimizer}-{s}" for optimizer in ("sgd", "sam") for s in (0, 1)}
+    for run in runs:
         assert (out / run / "checkpoint.pt").is_file()
     saved = json.loads((out / "compare" / "results.json").read_text())
-    assert saved["labels"] == ["SGD", "SAM"]
-    assert set(saved["training"]) == {"sgd", "sam"}
-    assert saved["training"]["sgd"]["config"]["seed"] == saved["training"]["sam"]["config"]["seed"]
+    assert saved["labels"] == ["SGD", "SAM"] and set(saved["training"]) == runs
+    assert saved["settings"]["draws"] == 3
+    accuracy = saved["statistics"]["final test accuracy (whole test set)"]
+    sam = [saved["training"][f"sam-{s}"]["metrics"]["test_accuracy"] for s in (0, 1)]
+    assert accuracy["values_b"] == sam
     assert (out / "compare" / "2d_contour.png").is_file()
+    assert "## Statistics over seeds" in (out / "compare" / "report.md").read_text()
 
 
 def test_demo_refuses_to_train_over_an_earlier_demo(tmp_path, capsys):
-    (tmp_path / "demo" / "sam").mkdir(parents=True)
-    (tmp_path / "demo" / "sam" / "checkpoint.pt").write_bytes(b"earlier run")
+    (tmp_path / "demo" / "sam-1").mkdir(parents=True)
+    (tmp_path / "demo" / "sam-1" / "checkpoint.pt").write_bytes(b"earlier run")
     assert main(["demo", "--out", str(tmp_path / "demo"), "--quick"]) == 2
     assert "--overwrite" in capsys.readouterr().err
-    assert not (tmp_path / "demo" / "sgd").exists()  # failed before training anything
+    assert not (tmp_path / "demo" / "sgd-0").exists()  # failed before training anything
 
 
 # -- groups of runs ---------------------------------------------------------------------------

@@ -246,3 +246,23 @@ def test_plot_command_bad_input_exits_2(tmp_path, capsys, case, message):
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert sorted(os.listdir(tmp_path)) == before  # nothing written, no temp file left
+
+
+def test_surfaces_are_the_default_kind_and_refuse_the_group_options(tmp_path, capsys):
+    bowl(1.0).save(str(tmp_path / "a.npz"))
+    out = str(tmp_path / "f.png")
+    assert main(["plot", "--kind", "surface", str(tmp_path / "a.npz"), "--out", out]) == 0
+    assert_png_drawn(out)
+    os.remove(out)
+    capsys.readouterr()
+    for extra, message in (
+        ([], "no surfaces"),
+        (["--group", "SGD", str(tmp_path / "a.npz")], "--group takes the inputs of --kind"),
+        ([str(tmp_path / "a.npz"), "--x-axis", "epoch"], "--x-axis applies to --kind training"),
+        ([str(tmp_path / "a.npz"), "--no-sharpness"], "--no-sharpness applies to --kind"),
+    ):
+        before = sorted(os.listdir(tmp_path))
+        assert main(["plot", *extra, "--out", out]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+        assert sorted(os.listdir(tmp_path)) == before

@@ -7,7 +7,7 @@ import dataclasses
 import os
 import time
 
-from ..demo import demo
+from ..demo import DEMO_SEEDS, demo
 from .compare import add_compare_arguments, compare_settings, run_options
 
 # The demo's evaluation set: 512 examples keep Li et al.'s 51 x 51 grid and the whole run
@@ -27,6 +27,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "About 70 s on 2 CPU cores at the defaults; --quick for a look in seconds.",
     )
     add_compare_arguments(p, out_default=os.path.join("runs", "demo"), samples=DEMO_SAMPLES)
+    p.add_argument(
+        "--seeds",
+        type=int,
+        default=DEMO_SEEDS,
+        help=f"training seeds per optimizer, from --seed (default: {DEMO_SEEDS})",
+    )
     p.add_argument("--epochs", type=int, help="training epochs for both (default: the trainer's)")
     p.add_argument("--rho", type=float, help="SAM radius (default: the trainer's, 0.05)")
     p.add_argument(
@@ -41,11 +47,12 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     demo(
         args.out,
+        seeds=args.seeds,
         epochs=args.epochs,
         rho=args.rho,
         overwrite=args.overwrite,
         **run_options(args),
-        **dataclasses.asdict(compare_settings(args)),
+        **{k: v for k, v in dataclasses.asdict(compare_settings(args)).items() if k != "draws"},
     )
     report = os.path.join(args.out, "compare", "report.md")
     print(f"wrote {report} ({time.perf_counter() - start:.0f} s)")
