@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .checks import is_whole
+from .checks import is_real, is_whole
 from .errors import SharpscopeError, SharpscopeWarning
 
 DATASETS = ("digits", "mnist1d", "cifar10", "cifar100", "synthetic")
@@ -129,17 +129,20 @@ def data_spec(
     data_dir: str | None = None,
     download: bool = False,
     synthetic: dict[str, int] | None = None,
+    label_noise: float = 0.0,
 ) -> dict[str, Any]:
     """The plain-dict description of a data set, as stored in checkpoints: a registry
     name, or the user's own data (a file, folder or factory: ``"source"`` says which;
-    :func:`load_dataset` adds what identifies it)."""
+    :func:`load_dataset` adds what identifies it). ``label_noise``: the fraction of
+    training labels replaced (see :func:`noisy_labels`); recorded only when not 0."""
     if not isinstance(name, str) or not name.strip():
         raise SharpscopeError(f"--data must name a data set, got {name!r}")
+    noise = {"label_noise": float(label_noise)} if label_noise else {}
     if name not in DATASETS:
         from .userdata import source_of
 
-        return {"name": name, "source": source_of(name), "train_subset": train_subset}
-    spec: dict[str, Any] = {"name": name, "train_subset": train_subset}
+        return {"name": name, "source": source_of(name), "train_subset": train_subset, **noise}
+    spec: dict[str, Any] = {"name": name, "train_subset": train_subset, **noise}
     if name in CIFAR_ARCHIVES:
         spec["data_dir"] = data_dir
         spec["download"] = download
@@ -196,8 +199,28 @@ def data_spec_from_file(
             if not is_whole(value, 0 if key == "seed" else 1):
                 raise SharpscopeError(f"{source}: bad synthetic {key} {value!r}")
     return data_spec(
-        name, train_subset=subset, data_dir=data_dir, download=download, synthetic=synthetic
+        name,
+        train_subset=subset,
+        data_dir=data_dir,
+        download=download,
+        synthetic=synthetic,
+        label_noise=_noise_from_file(spec, source),
     )
+
+
+def _noise_from_file(spec: dict[str, Any], source: str) -> float:
+    noise = spec.get("label_noise", 0.0)
+    if not check_label_noise(noise, raise_error=False):
+        raise SharpscopeError(f"{source}: bad label_noise {noise!r} in its data entry")
+    return float(noise)
+
+
+def check_label_noise(noise: Any, raise_error: bool = True) -> bool:
+    """Whether ``noise`` is a fraction of labels to replace, in [0, 1)."""
+    ok = is_real(noise) and 0 <= noise < 1
+    if not ok and raise_error:
+        raise SharpscopeError(f"label noise must be a fraction in [0, 1), got {noise!r}")
+    return ok
 
 
 def _user_spec_from_file(spec: dict[str, Any], source: str, trust_code: bool) -> dict[str, Any]:
@@ -212,7 +235,7 @@ def _user_spec_from_file(spec: dict[str, Any], source: str, trust_code: bool) ->
     subset = spec.get("train_subset")
     if subset is not None and not is_whole(subset, 1):
         raise SharpscopeError(f"{source}: bad train_subset {subset!r} in its data entry")
-    return data_spec(name, train_subset=subset)
+    return data_spec(name, train_subset=subset, label_noise=_noise_from_file(spec, source))
 
 
 def check_trusted_data(name: str, source: str, *, trust_code: bool = False) -> None:
@@ -292,7 +315,8 @@ def load_dataset(spec: dict[str, Any] | str) -> Dataset:
 
         ds = load_user_data(spec)
         subset = spec.get("train_subset")
-        return ds if subset is None else _train_subset(ds, int(subset))
+        ds = ds if subset is None else _train_subset(ds, int(subset))
+        return noisy_labels(ds, spec.get("label_noise", 0.0))
     if name == "digits":
         ds = _digits()
     elif name == "mnist1d":
@@ -305,6 +329,34 @@ def load_dataset(spec: dict[str, Any] | str) -> Dataset:
     subset = spec.get("train_subset")
     if subset is not None:
         ds = _train_subset(ds, int(subset))
+    return noisy_labels(ds, spec.get("label_noise", 0.0))
+
+
+# Label noise is part of the data, not of a run: one fixed draw (this seed) for every
+# training seed, so runs of several seeds and both optimizers see the same noisy labels.
+# Drawn by numpy from a seed sequence of its own: a torch permutation from a small seed
+# would be the very permutation Dataset.examples draws from seed 0, making its first
+# examples exactly the noisy ones.
+LABEL_NOISE_SEED = (0, 0x6C6162656C)  # (0, "label" in hex)
+
+
+def noisy_labels(ds: Dataset, fraction: float) -> Dataset:
+    """``ds`` with round(``fraction`` x n) of its training labels replaced by another
+    class drawn uniformly (symmetric label noise, the setting of Foret et al. 2021,
+    Sec. 3.3 / Table 4, after Zhang et al. 2017); test labels stay clean. Which examples
+    and which wrong classes come from LABEL_NOISE_SEED alone."""
+    if not fraction:
+        return ds
+    check_label_noise(fraction)
+    y = ds.train_y
+    if y.is_floating_point() or ds.num_classes < 2:
+        raise SharpscopeError("label noise needs class labels (a classification data set)")
+    rng = np.random.default_rng(LABEL_NOISE_SEED)
+    chosen = torch.from_numpy(rng.permutation(len(y))[: round(fraction * len(y))])
+    shift = torch.from_numpy(rng.integers(1, ds.num_classes, len(chosen)))  # never 0: wrong
+    noisy = y.clone()
+    noisy[chosen] = (y[chosen] + shift.to(y)) % ds.num_classes
+    ds.train_y = noisy
     return ds
 
 

@@ -19,6 +19,11 @@ from .settings import DEFAULT_DRAWS, CompareSettings
 # whole demo (six trainings, six measurements, the landscapes) stays near 3 minutes on 2
 # CPU cores.
 DEMO_SEEDS = 3
+# 20% of the training labels replaced by other classes: the mildest noise of Foret et al.
+# (2021, Table 4), where SAM's advantage over SGD is one of its best documented effects
+# (CIFAR-10: 94.9% against 88.6% test accuracy at 20% noise). Chosen from the paper, not
+# by trying settings here; the report says what comes out.
+DEMO_LABEL_NOISE = 0.2
 
 
 def demo(
@@ -28,14 +33,16 @@ def demo(
     seeds: int = DEMO_SEEDS,
     epochs: int | None = None,
     rho: float | None = None,
+    label_noise: float = DEMO_LABEL_NOISE,
     overwrite: bool = False,
     device: torch.device | str = "cpu",
     progress: bool = False,
     log: Callable[[str], None] | None = None,
     **compare_options: Any,
 ) -> dict[str, Any]:
-    """Train SGD and SAM on the default data (digits) with the same budget over ``seeds``
-    seeds from ``seed`` (``out``/sgd-S, ``out``/sam-S), then :func:`compare_checkpoints`
+    """Train SGD and SAM on the default data (digits, ``label_noise`` of its training
+    labels replaced: DEMO_LABEL_NOISE) with the same budget over ``seeds`` seeds from
+    ``seed`` (``out``/sgd-S, ``out``/sam-S), then :func:`compare_checkpoints`
     the two groups into ``out``/compare: every number as each group's mean ± standard
     error, and the difference with Welch's test. ``epochs`` and ``rho`` None keep
     :class:`TrainConfig`'s defaults; ``compare_options`` are fields of
@@ -47,7 +54,7 @@ def demo(
     say = log or (lambda message: None)
     if not isinstance(seeds, int) or isinstance(seeds, bool) or not 1 <= seeds <= 100:
         raise SharpscopeError(f"seeds must be a whole number in 1..100, got {seeds!r}")
-    base = {"epochs": epochs, "device": str(device)}
+    base = {"epochs": epochs, "device": str(device), "label_noise": label_noise}
     if rho is not None:
         base["rho"] = rho
     TrainConfig(optimizer="sam", seed=seed + seeds - 1, **base)  # checked before training
@@ -67,6 +74,7 @@ def demo(
         config = TrainConfig(optimizer=optimizer, seed=s, **base)
         folder = os.path.join(out, f"{optimizer}-{s}")
         command = f"sharpscope train --optimizer {optimizer} --seed {s} --out {folder}"
+        command += f" --label-noise {label_noise:g}" if label_noise else ""
         command += f" --epochs {epochs}" if epochs is not None else ""
         command += f" --rho {rho:g}" if rho is not None and optimizer == "sam" else ""
         say(command)

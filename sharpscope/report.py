@@ -44,7 +44,7 @@ def draw_band_figure(
                 if band["stderr"] is not None:
                     se = np.asarray(band["stderr"])
                     ax.fill_between(x, mean - se, mean + se, color=line.get_color(), alpha=0.25)
-            ax.set_xlabel("α (filter-normalized random direction)")
+            ax.set_xlabel("α along random directions (as in the 1-D figure)")
             ax.set_ylabel("loss (mean ± s.e.)")
             ax.legend()
             save_figure(fig, os.path.join(out, f"{BAND_FIGURE}.{fmt}"))

@@ -110,7 +110,11 @@ def train(
 
         saved = distributed.on_main(open_folder)
         spec = data_spec(
-            c.data, train_subset=c.train_subset, data_dir=c.data_dir, download=c.download
+            c.data,
+            train_subset=c.train_subset,
+            data_dir=c.data_dir,
+            download=c.download,
+            label_noise=c.label_noise,
         )
         # A download happens once, on rank 0; the others then read what it fetched.
         load = distributed.main_first if c.download else (lambda fn: fn())

@@ -15,7 +15,7 @@ import torch
 
 from . import distributed
 from .checks import fits_annotation
-from .data import LOCATION_KEYS, Dataset, check_loss_fits
+from .data import LOCATION_KEYS, Dataset, check_label_noise, check_loss_fits
 from .errors import SharpscopeError
 from .losses import LOSSES, get_loss
 from .models import DEFAULT_MODEL, check_model_name, merge_model_options
@@ -61,6 +61,7 @@ class TrainConfig:
     data_dir: str | None = None
     download: bool = False
     train_subset: int | None = None
+    label_noise: float = 0.0  # fraction of training labels replaced (data.noisy_labels)
     # model (models.model_spec); None = the registry default for the data set (cnn for
     # digits; mlp for the user's own data)
     model: str | None = None
@@ -123,6 +124,8 @@ class TrainConfig:
                 raise SharpscopeError(f"training option {f.name} = {value!r} is of a wrong type")
         if not c.data.strip():
             raise SharpscopeError("--data is empty: name a data set")
+        if not check_label_noise(c.label_noise, raise_error=False):
+            raise SharpscopeError(f"--label-noise must be in [0, 1), got {c.label_noise!r}")
         _choice("optimizer", c.optimizer, OPTIMIZERS)
         _choice("schedule", c.schedule, SCHEDULES)
         _choice("amp", c.amp, AMP_MODES)

@@ -115,3 +115,57 @@ def test_cifar_batch_with_code_in_it_is_refused(tmp_path):
     with pytest.raises(SharpscopeError, match="not a CIFAR batch"):
         load_dataset(data_spec("cifar10", data_dir=str(tmp_path)))
     assert not os.path.exists("/tmp/sharpscope-cifar-pwned")
+
+
+# -- label noise ----------------------------------------------------------------------------
+
+
+def test_label_noise_replaces_a_fixed_fraction_of_training_labels_by_other_classes():
+    from sharpscope.data import data_spec, load_dataset
+
+    clean = load_dataset("digits")
+    noisy = load_dataset(data_spec("digits", label_noise=0.2))
+    changed = noisy.train_y != clean.train_y
+    assert changed.sum().item() == round(0.2 * len(clean.train_y))  # every chosen one moved
+    assert torch.equal(noisy.test_y, clean.test_y) and torch.equal(noisy.train_x, clean.train_x)
+    again = load_dataset(data_spec("digits", label_noise=0.2))
+    assert torch.equal(again.train_y, noisy.train_y)  # one draw, whatever the run's seed
+    assert data_spec("digits") == {"name": "digits", "train_subset": None}  # 0: not recorded
+
+
+def test_label_noise_from_a_file_is_checked():
+    from sharpscope.data import data_spec_from_file
+
+    spec = data_spec_from_file({"name": "digits", "label_noise": 0.4}, "ckpt.pt")
+    assert spec["label_noise"] == 0.4
+    for bad in (1.0, -0.1, "0.2", float("nan"), True):
+        with pytest.raises(SharpscopeError, match="label_noise"):
+            data_spec_from_file({"name": "digits", "label_noise": bad}, "ckpt.pt")
+
+
+def test_a_run_with_label_noise_records_it_and_is_measured_on_its_noisy_labels(tmp_path):
+    from sharpscope.checkpoint import load_model_and_data, read_checkpoint
+    from sharpscope.data import data_spec, load_dataset
+    from sharpscope.train import train
+    from sharpscope.train_config import TrainConfig
+
+    train(TrainConfig(label_noise=0.3, steps=2, batch_size=64), str(tmp_path / "run"), quiet=True)
+    ckpt = read_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert ckpt["data"]["label_noise"] == 0.3
+    _, dataset, _ = load_model_and_data(str(tmp_path / "run" / "checkpoint.pt"))
+    assert torch.equal(dataset.train_y, load_dataset(data_spec("digits", label_noise=0.3)).train_y)
+    with pytest.raises(SharpscopeError, match="label-noise"):
+        TrainConfig(label_noise=1.0)
+
+
+def test_the_noisy_examples_are_not_the_first_examples_a_measurement_draws():
+    """The noise is drawn apart from Dataset.examples' permutations: the examples measured
+    (seed 0) hold about the noise fraction of noisy labels, not only noisy ones."""
+    from sharpscope.data import data_spec, load_dataset
+
+    clean = load_dataset("digits")
+    noisy = load_dataset(data_spec("digits", label_noise=0.2))
+    for seed in (0, 1):
+        _, y_clean = clean.examples("train", 512, seed=seed)
+        _, y_noisy = noisy.examples("train", 512, seed=seed)
+        assert 0.12 < (y_clean != y_noisy).float().mean().item() < 0.28

@@ -67,6 +67,14 @@ def add_data_arguments(parser: argparse.ArgumentParser, default: str | None = "d
     group.add_argument(
         "--train-subset", type=int, metavar="N", help="use N training examples (a fixed subset)"
     )
+    group.add_argument(
+        "--label-noise",
+        type=float,
+        default=0.0,
+        metavar="FRACTION",
+        help="replace this fraction of the training labels by other classes, one fixed draw "
+        "for every seed (symmetric noise, Foret et al. 2021, Table 4; default: 0)",
+    )
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, default: str | None = None) -> None:
