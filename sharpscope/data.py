@@ -107,6 +107,21 @@ class Dataset:
         idx = idx.sort().values.to(y.device)
         return x[idx], y[idx]
 
+    def example_subsets(
+        self, split: str, n: int, k: int, seed: int = 0
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``k`` disjoint sets of ``n`` examples of ``split``: consecutive blocks of the
+        permutation :meth:`examples` draws from ``seed`` (the first block is its set)."""
+        x, y = self.split(split)
+        if n * k > len(y):
+            raise SharpscopeError(
+                f"{k} disjoint sets of {n} examples need {n * k}, the {split} split has "
+                f"{len(y)}: lower samples or subsets"
+            )
+        perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+        blocks = [perm[i * n : (i + 1) * n].sort().values.to(y.device) for i in range(k)]
+        return [(x[idx], y[idx]) for idx in blocks]
+
     def to(self, device: torch.device | str) -> Dataset:
         """The same data set with its tensors on ``device``."""
         return Dataset(

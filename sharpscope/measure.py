@@ -166,7 +166,62 @@ def measure(
     if s.average:
         doc["average_sharpness"] = _average_sharpness(obj, s, progress)
     doc["hessian"] = _hessian(obj, s, progress)
+    if s.subsets > 1:
+        if not isinstance(dataset, Dataset):
+            raise SharpscopeError("subsets need a data set to draw examples from (a Dataset)")
+        doc["sampling"] = _sampling(model, dataset, s, loss, device, progress)
     return json_safe(doc)
+
+
+# A standard error above this fraction of the mean: the number depends on which examples
+# were drawn more than a comparison can bear (PyHessian users report the top eigenvalue
+# changing tenfold between 128-example batches).
+LARGE_SAMPLING_ERROR = 0.1
+
+
+def _sampling(model, dataset, s: MeasureSettings, loss, device, progress) -> dict[str, Any]:
+    """The sharpness at the first rho and the top eigenvalue on ``s.subsets`` disjoint
+    sets of ``s.samples`` examples of ``s.split``: every value, their mean ± standard
+    error, and a note where the error is large against the value."""
+    from .stats import summary
+
+    loss_fn = get_loss(loss or "ce")
+    dtype = next(model.parameters()).dtype
+    values: dict[str, list[float]] = {"sharpness": [], "top_eigenvalue": []}
+    for x, y in dataset.example_subsets(s.split, s.samples, s.subsets, seed=s.seed):
+        obj = Objective(
+            model,
+            (x.to(dtype) if x.is_floating_point() else x, y),
+            loss_fn,
+            param_filter=s.param_filter,
+            batch_size=s.batch_size,
+            device=device,
+            accumulate_dtype=torch.float64,
+        )
+        if s.rhos:
+            apgd = {"norm": s.norm, "adaptive": s.adaptive, "eta": s.eta, "steps": s.steps}
+            result = sharpness(obj, rho=s.rhos[0], restarts=s.restarts, m=s.m, seed=s.seed, **apgd)
+            values["sharpness"].append(result.value)
+        if s.eigs:
+            top = hessian_eigenvalues(obj, k=1, method=s.eig_method, tol=s.eig_tol, seed=s.seed)
+            values["top_eigenvalue"].append(top.eigenvalues[0])
+    report: dict[str, Any] = {"subsets": s.subsets, "samples": s.samples, "split": s.split}
+    if s.rhos:
+        report["rho"] = s.rhos[0]
+    notes = []
+    for name, vals in values.items():
+        if not vals:
+            continue
+        stat = summary(vals)
+        report[name] = {"values": vals, **stat.to_dict()}
+        if stat.stderr is not None and stat.stderr > LARGE_SAMPLING_ERROR * abs(stat.mean):
+            notes.append(
+                f"the {name.replace('_', ' ')} varies between sets of {s.samples} examples "
+                f"by {stat.stderr / abs(stat.mean):.0%} of its value (s.e. over {s.subsets} "
+                "sets): measure on more examples before comparing models"
+            )
+    report["notes"] = notes
+    return report
 
 
 def _loss_name(loss: str | None, loss_fn: Callable | None, batch_loss: Callable | None) -> str:
@@ -313,6 +368,13 @@ def format_table(documents: list[dict[str, Any]], labels: list[str]) -> str:
         )
     if "trace" in first["hessian"]:
         add("Hessian trace", [_pm(entry(d, "hessian", "trace")) for d in documents])
+    sampling = first.get("sampling")
+    for key, name in (("sharpness", "sharpness"), ("top_eigenvalue", "eigenvalue 1")):
+        if sampling and key in sampling:
+            add(
+                f"{name} over {sampling['subsets']} sets",
+                [_pm(_as_estimate(entry(d, "sampling", key))) for d in documents],
+            )
     width = max(len(r[0]) for r in rows)
     cols = [max(len(label), *(len(r[1][j]) for r in rows)) for j, label in enumerate(labels)]
     lines = [
@@ -326,6 +388,13 @@ def format_table(documents: list[dict[str, Any]], labels: list[str]) -> str:
         apgd = first["sharpness"][0]
         settings += f"; sharpness by APGD ({apgd['steps']} steps, {apgd['restarts']} restart(s))"
     return "\n".join(lines) + "\n" + settings
+
+
+def _as_estimate(item: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A summary ({"mean", "stderr"}) as the {"value", "stderr"} that :func:`_pm` shows."""
+    if not item:
+        return None
+    return {"value": item["mean"], "stderr": item["stderr"]}
 
 
 def _pm(item: dict[str, Any] | None) -> str | None:

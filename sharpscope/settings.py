@@ -108,7 +108,9 @@ class MeasureSettings(EvaluationSettings):
     ``steps`` x ``restarts``, optionally ``adaptive`` with ``eta`` and m-sharpness ``m``),
     average-case sharpness (``average``), the top ``eigs`` Hessian eigenvalues (and the
     ``smallest``), the trace (``trace_samples`` probes) and the density, on the
-    parameters ``param_filter`` selects."""
+    parameters ``param_filter`` selects. ``subsets`` > 1: the sharpness at the first rho
+    and the top eigenvalue again on that many disjoint sets of ``samples`` examples
+    each, reported as mean ± standard error: the sampling error of the numbers."""
 
     rhos: tuple[float, ...] = DEFAULT_RHOS
     norm: str = "l2"
@@ -127,6 +129,7 @@ class MeasureSettings(EvaluationSettings):
     trace_samples: int = DEFAULT_TRACE_SAMPLES
     density: bool = False
     param_filter: str = "all"
+    subsets: int = 1
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -145,6 +148,9 @@ class MeasureSettings(EvaluationSettings):
         if self.trace:
             check_trace_samples(self.trace_samples)
         check_choice("parameter filter", self.param_filter, PARAM_FILTERS)
+        _positive("subsets", self.subsets)
+        if self.subsets > 1 and self.samples is None:
+            raise SharpscopeError("subsets need a number of samples per subset: give samples")
 
 
 @dataclass(frozen=True)

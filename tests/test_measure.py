@@ -258,3 +258,34 @@ def test_table_marks_numbers_a_document_lacks(checkpoint):
     second = next(line for line in lines if line.startswith("Hessian eigenvalue 2"))
     assert second.split()[-1] == "-"
     assert next(line for line in lines if line.startswith("Hessian trace")).endswith("-")
+
+
+def test_sampling_error_over_disjoint_sets_of_examples(checkpoint, capsys, monkeypatch):
+    """--subsets K: the sharpness and the top eigenvalue on K disjoint sets of `samples`
+    examples, each the number an analyzer gives on that set, with their mean ± s.e.; the
+    first set is the one every other number is measured on."""
+    import sys
+
+    measure_module = sys.modules["sharpscope.measure"]  # the package's `measure` is the function
+    path, model = checkpoint
+    doc = measure_checkpoint(path, samples=48, subsets=3, steps=3, trace=False, seed=2)
+    sets = load_dataset("digits").example_subsets("train", 48, 3, seed=2)
+    indices = [set(map(tuple, x.reshape(48, -1).tolist())) for x, _ in sets]
+    assert all(not (indices[i] & indices[j]) for i in range(3) for j in range(i + 1, 3))
+    assert torch.equal(sets[0][0], load_dataset("digits").examples("train", 48, seed=2)[0])
+    eigen = [hessian_eigenvalues(model, s, k=1, seed=2).eigenvalues[0] for s in sets]
+    rises = [sharpness(model, s, 0.05, steps=3, seed=2).value for s in sets]
+    sampling = doc["sampling"]
+    assert sampling["top_eigenvalue"]["values"] == pytest.approx(eigen, rel=1e-5)
+    assert sampling["sharpness"]["values"] == pytest.approx(rises, rel=1e-5)
+    assert sampling["top_eigenvalue"]["mean"] == pytest.approx(sum(eigen) / 3, rel=1e-5)
+    assert sampling["top_eigenvalue"]["values"][0] == pytest.approx(
+        doc["hessian"]["eigenvalues"][0], rel=1e-9
+    )
+    monkeypatch.setattr(measure_module, "LARGE_SAMPLING_ERROR", 0.0)  # every error "large"
+    assert main(["measure", path, "--samples", "48", "--subsets", "3", "--no-trace",
+                 "--steps", "2", "--quiet"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "eigenvalue 1 over 3 sets" in out and "note: " in out and "more examples" in out
+    with pytest.raises(SharpscopeError, match="disjoint sets"):
+        measure_checkpoint(path, samples=1000, subsets=3)

@@ -50,6 +50,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     d = MeasureSettings()
     p.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT")
     add_evaluation_arguments(p)
+    p.add_argument(
+        "--subsets",
+        type=int,
+        default=d.subsets,
+        metavar="K",
+        help="also measure the sharpness (first rho) and the top eigenvalue on K disjoint "
+        "sets of --samples examples and report mean ± standard error: their sampling error "
+        "(default: 1, off)",
+    )
     s = p.add_argument_group("sharpness")
     s.add_argument(
         "--rho",
@@ -197,5 +206,8 @@ def _measure_all(args: argparse.Namespace, settings: MeasureSettings, device) ->
             for p in args.checkpoints
         ]
         print(format_table(documents, labels))
+        for label, doc in zip(labels, documents, strict=True):
+            for note in doc.get("sampling", {}).get("notes", []):
+                print(f"note: {label}: {note}")
         if args.json:
             write_json(args.json, {"command": "measure", "labels": labels, "results": documents})
