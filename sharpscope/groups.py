@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .errors import SharpscopeError
-from .stats import summary, welch
+from .stats import kendall, summary, welch
 
 
 def document_numbers(doc: dict[str, Any]) -> dict[str, float]:
@@ -90,3 +90,52 @@ def _mean_se(s: dict[str, Any]) -> str:
     if s["stderr"] is None:
         return f"{s['mean']:.4g} (n=1)"
     return f"{s['mean']:.4g} ± {s['stderr']:.2g} (n={s['n']})"
+
+
+def generalization_gap(doc: dict[str, Any]) -> tuple[str, float] | None:
+    """What a measure document says of generalization: the accuracy gap (train minus
+    test accuracy, the error gap of Jiang et al. 2020) where accuracy is defined, else
+    the loss gap (test minus train loss); None without both splits."""
+    acc, loss = doc.get("accuracy", {}), doc.get("loss", {})
+    if acc.get("train") is not None and acc.get("test") is not None:
+        return "accuracy gap (train - test)", acc["train"] - acc["test"]
+    if loss.get("train") is not None and loss.get("test") is not None:
+        return "loss gap (test - train)", loss["test"] - loss["train"]
+    return None
+
+
+def correlations(documents: Sequence[dict[str, Any]], seed: int = 0) -> dict[str, Any]:
+    """Kendall's tau-b between every sharpness and curvature number of ``documents``
+    (one per model of a sweep) and their generalization gap, each with its bootstrap
+    95% interval and p-value (:func:`~sharpscope.stats.kendall`); needs 3 models."""
+    if len(documents) < 3:
+        raise SharpscopeError("a correlation over models needs at least 3 checkpoints")
+    gaps = [generalization_gap(d) for d in documents]
+    if any(g is None for g in gaps) or len({g[0] for g in gaps}) != 1:  # type: ignore[index]
+        raise SharpscopeError("every checkpoint needs train and test numbers of one kind")
+    gap_name = gaps[0][0]  # type: ignore[index]
+    gap = [g[1] for g in gaps]  # type: ignore[index]
+    rows = [document_numbers(d) for d in documents]
+    measures = [
+        name
+        for name in rows[0]
+        if not name.endswith(("loss", "accuracy")) and all(name in r for r in rows)
+    ]
+    table = {}
+    for name in measures:
+        values = [r[name] for r in rows]
+        table[name] = {"values": values, **kendall(values, gap, seed=seed).to_dict()}
+    return {"generalization": gap_name, "gaps": gap, "measures": table}
+
+
+def format_correlations(result: dict[str, Any]) -> str:
+    """The correlations as a plain-text table."""
+    lines = [
+        f"Kendall's tau with the {result['generalization']} over {len(result['gaps'])} models:"
+    ]
+    for name, r in result["measures"].items():
+        lines.append(
+            f"  {name:<28} tau {r['tau']:+.3f}  95% CI [{r['low']:+.3f}, {r['high']:+.3f}]"
+            f"  p {r['p']:.2g}"
+        )
+    return "\n".join(lines)

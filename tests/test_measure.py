@@ -289,3 +289,23 @@ def test_sampling_error_over_disjoint_sets_of_examples(checkpoint, capsys, monke
     assert "eigenvalue 1 over 3 sets" in out and "note: " in out and "more examples" in out
     with pytest.raises(SharpscopeError, match="disjoint sets"):
         measure_checkpoint(path, samples=1000, subsets=3)
+
+
+def test_correlate_over_checkpoints_prints_and_writes_kendalls_tau(tmp_path, capsys):
+    spec = model_spec("mlp", (1, 8, 8), 10, width=8, depth=1)
+    paths = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        paths.append(
+            save(tmp_path / f"r{seed}" / "checkpoint.pt", spec, build_model(spec).state_dict())
+        )
+    out = tmp_path / "m.json"
+    argv = ["measure", *paths, "--samples", "32", "--no-trace", "--steps", "2", "--quiet"]
+    assert main([*argv, "--correlate", "--json", str(out)]) == 0
+    assert "Kendall's tau with the accuracy gap" in capsys.readouterr().out
+    saved = strict_json(out.read_text())
+    gaps = [r["accuracy"]["train"] - r["accuracy"]["test"] for r in saved["results"]]
+    assert saved["correlation"]["gaps"] == pytest.approx(gaps)
+    assert set(saved["correlation"]["measures"]) == {"sharpness (rho 0.05)", "top eigenvalue"}
+    assert main(["measure", *paths[:2], "--correlate"]) == 2
+    assert "at least 3" in capsys.readouterr().err

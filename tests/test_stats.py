@@ -77,3 +77,31 @@ def test_kendall_interval_is_seeded_and_narrows_with_more_models():
     assert kendall(x, y, resamples=500) == narrow  # the same seed, the same interval
     with pytest.raises(SharpscopeError, match="at least 3"):
         kendall([1, 2], [2, 1])
+
+
+def test_correlations_of_measure_documents_with_the_generalization_gap():
+    """Kendall's tau of each measure against the accuracy gap, from documents as measure
+    writes them; equal to scipy's on the same numbers."""
+    from sharpscope.groups import correlations, format_correlations
+
+    eig = [1.0, 3.0, 2.0, 5.0, 4.0]
+    gap_values = [0.01, 0.03, 0.04, 0.05, 0.02]
+    docs = [
+        {
+            "loss": {"train": 0.1, "test": 0.2},
+            "accuracy": {"train": 0.99, "test": 0.99 - g},
+            "sharpness": [{"rho": 0.05, "value": e / 10}],
+            "hessian": {"eigenvalues": [e], "trace": {"value": 3 * e}},
+        }
+        for e, g in zip(eig, gap_values, strict=True)
+    ]
+    result = correlations(docs)
+    assert result["generalization"] == "accuracy gap (train - test)"
+    assert result["gaps"] == pytest.approx(gap_values)
+    ref = stats.kendalltau(eig, gap_values)
+    for name in ("top eigenvalue", "trace", "sharpness (rho 0.05)"):
+        assert result["measures"][name]["tau"] == pytest.approx(ref.statistic, rel=1e-12)
+        assert result["measures"][name]["p"] == pytest.approx(ref.pvalue, rel=1e-12)
+    assert "top eigenvalue" in format_correlations(result)
+    with pytest.raises(SharpscopeError, match="at least 3"):
+        correlations(docs[:2])

@@ -11,6 +11,7 @@ from ..data import Dataset
 from ..devices import resolve_device
 from ..errors import SharpscopeError
 from ..files import remove_stale_temporaries, write_json
+from ..groups import correlations, format_correlations
 from ..hessian import METHODS
 from ..measure import (
     check_model,
@@ -150,6 +151,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--seed", type=seed_type, default=d.seed, help="examples, restarts and probes (default: 0)"
     )
+    p.add_argument(
+        "--correlate",
+        action="store_true",
+        help="with 3 checkpoints or more (a sweep of seeds, learning rates, rho...): Kendall's "
+        "tau between each sharpness number and the generalization gap, with a bootstrap "
+        "95%% interval (Jiang et al. 2020)",
+    )
     p.add_argument("--json", metavar="FILE", help="write every number with its settings")
     add_overwrite_argument(p, "the --json file")
     p.add_argument("--labels", nargs="+", help="column labels (default: file names)")
@@ -170,6 +178,8 @@ def run(args: argparse.Namespace) -> int:
             remove_stale_temporaries(args.json)  # of a killed earlier write of it
     if args.density and not args.json:
         raise SharpscopeError("--density is a curve, not a table entry: give --json FILE for it")
+    if args.correlate and len(args.checkpoints) < 3:
+        raise SharpscopeError("--correlate needs at least 3 checkpoints")
     if args.labels and len(args.labels) != len(args.checkpoints):
         raise SharpscopeError("--labels needs one label per checkpoint")
     device = distributed.init_from_environment(resolve_device(args.device))
@@ -209,5 +219,9 @@ def _measure_all(args: argparse.Namespace, settings: MeasureSettings, device) ->
         for label, doc in zip(labels, documents, strict=True):
             for note in doc.get("sampling", {}).get("notes", []):
                 print(f"note: {label}: {note}")
+        written = {"command": "measure", "labels": labels, "results": documents}
+        if args.correlate:
+            written["correlation"] = correlations(documents, seed=settings.seed)
+            print(format_correlations(written["correlation"]))
         if args.json:
-            write_json(args.json, {"command": "measure", "labels": labels, "results": documents})
+            write_json(args.json, written)
