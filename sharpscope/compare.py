@@ -41,8 +41,11 @@ from .report import (
     BAND_FIGURE,
     FIGURE_FORMATS,
     FIGURES,
+    MEASURE_FILES,
+    SEED_FIGURES,
     draw_band_figure,
     draw_figures,
+    draw_seed_figures,
     write_report,
 )
 from .settings import CompareSettings, Loading, settings_from, split_keywords
@@ -57,7 +60,8 @@ OUTPUTS = (
     "2d_b.npz",
     "results.json",
     "report.md",
-    *(f"{name}.{fmt}" for name in (*FIGURES, BAND_FIGURE) for fmt in FIGURE_FORMATS),
+    *(f"{name}.{fmt}" for name in (*FIGURES, BAND_FIGURE, *SEED_FIGURES) for fmt in FIGURE_FORMATS),
+    *MEASURE_FILES,
 )
 
 
@@ -105,6 +109,7 @@ def compare_checkpoints(
     _check_inputs([*group_a, *group_b], out, loading)
     say = log or (lambda message: None)
     run = {"settings": s, "loading": loading, "device": device, "progress": progress}
+    run["grouped"] = len(group_a) > 1 or len(group_b) > 1
     with _staging_folder(out, overwrite) as stage:
         seconds: dict[str, float] = {}
         start = time.perf_counter()
@@ -124,8 +129,12 @@ def compare_checkpoints(
         if len(group_a) > 1 or len(group_b) > 1 or s.draws > 1:
             run["training"] = training
             stats = _statistics((group_a, group_b), measured, curves, run, say, seconds)
+            documents = stats.pop("documents")
             document.update(groups={"a": group_a, "b": group_b}, **stats)
             document["figures"][BAND_FIGURE] = draw_band_figure(stage, stats["bands"], labels)
+            if documents[0] and documents[1]:
+                runs = (group_a, group_b)
+                document["figures"].update(draw_seed_figures(stage, documents, runs, labels))
         document.update({"1d_log": logs["1d"], "interpolation_log": logs["interpolation"]})
         if training is not None:
             document["training"] = training
@@ -154,6 +163,7 @@ def _statistics(groups, measured, curves, run: dict[str, Any], say, seconds) -> 
     s: CompareSettings = run["settings"]
     start = time.perf_counter()
     numbers: list[list[dict[str, float]]] = [[], []]
+    documents: list[list[dict[str, Any]]] = [[], []]
     bands = []
     for side, group in enumerate(groups):
         losses = []
@@ -162,6 +172,8 @@ def _statistics(groups, measured, curves, run: dict[str, Any], say, seconds) -> 
             if doc is None and s.measure:
                 say(f"measure {path}")
                 doc = _measure_one(path, run)
+            if doc is not None:
+                documents[side].append(doc)
             row = document_numbers(doc) if doc is not None else {}
             row.update(_training_numbers(path, run.get("training")))
             draws = []
@@ -190,6 +202,7 @@ def _statistics(groups, measured, curves, run: dict[str, Any], say, seconds) -> 
         "numbers": {"a": numbers[0], "b": numbers[1]},
         "statistics": group_statistics(numbers[0], numbers[1]),
         "bands": bands,
+        "documents": documents,
     }
 
 
@@ -204,6 +217,12 @@ def _training_numbers(path: str, training: dict[str, Any] | None) -> dict[str, f
     return {}
 
 
+def _seed_figure_settings(s: CompareSettings) -> dict[str, Any]:
+    """What groups of runs are measured with beyond the table's defaults: the radii, the
+    eigenvalues and the density the figures over seeds draw."""
+    return {"rhos": s.rhos, "eigs": s.eigs, "density": s.density}
+
+
 def _measure_one(path: str, run: dict[str, Any]) -> dict[str, Any]:
     s: CompareSettings = run["settings"]
     return measure_checkpoint(
@@ -213,6 +232,7 @@ def _measure_one(path: str, run: dict[str, Any]) -> dict[str, Any]:
         batch_size=s.batch_size,
         trace_samples=s.trace_samples,
         seed=s.seed,
+        **(_seed_figure_settings(s) if run["grouped"] else {}),
         device=run["device"],
         progress=run["progress"],
         **run["loading"].keywords(),

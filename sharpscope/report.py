@@ -22,6 +22,56 @@ FIGURE_FORMATS = ("pdf", "png")  # vector for the paper, PNG for report.md
 FIGURES = ("interpolation", "1d", "2d_contour", "2d_surface3d")
 # Groups of runs: each group's mean 1-D curve with a band of one standard error.
 BAND_FIGURE = "1d_band"
+# Groups of runs: the figures over seeds (sharpscope.figures), drawn from the measure
+# documents of every checkpoint, saved beside them so that `sharpscope plot` redraws them.
+SEED_FIGURES = ("rho", "eigenvalues", "density", "training")
+MEASURE_FILES = ("measure_a.json", "measure_b.json")
+
+
+def draw_seed_figures(
+    out: str,
+    documents: Sequence[Sequence[dict[str, Any]]],
+    runs: Sequence[Sequence[str]],
+    labels: tuple[str, str],
+) -> dict[str, list[str]]:
+    """Worst-case sharpness against rho, the top-k eigenvalues, the SLQ density and (when
+    every checkpoint's folder is a run tracked with --track-every) the top eigenvalue
+    over training, each group's mean ± standard error, as PDF and PNG; the measure
+    documents as measure_a.json / measure_b.json. A figure the documents cannot make (one
+    rho, no density) is left out. Returns {name: [file, ...]}."""
+    from . import figures
+    from .errors import SharpscopeError
+    from .files import write_json
+
+    for name, docs, paths in zip(MEASURE_FILES, documents, runs, strict=True):
+        results = {"command": "measure", "labels": list(paths), "results": list(docs)}
+        write_json(os.path.join(out, name), results)
+    groups = {labels[0]: list(documents[0]), labels[1]: list(documents[1])}
+    plotters = {
+        "rho": lambda f: figures.plot_sharpness_rho(groups, f),
+        "eigenvalues": lambda f: figures.plot_eigenvalues(groups, f),
+        "density": lambda f: figures.plot_density(groups, f),
+        "training": lambda f: figures.plot_training(_tracked_runs(runs, labels), f),
+    }
+    drawn: dict[str, list[str]] = {}
+    for name in SEED_FIGURES:
+        try:
+            for fmt in FIGURE_FORMATS:
+                plotters[name](os.path.join(out, f"{name}.{fmt}"))
+        except SharpscopeError:
+            continue  # the documents (or runs) hold nothing for this figure
+        drawn[name] = [f"{name}.{fmt}" for fmt in FIGURE_FORMATS]
+    return drawn
+
+
+def _tracked_runs(runs: Sequence[Sequence[str]], labels: tuple[str, str]) -> dict[str, list]:
+    """The run folders of the checkpoints, when every one of them is a run folder."""
+    from .training_figure import read_run
+
+    return {
+        label: [read_run(os.path.dirname(os.path.abspath(p))) for p in paths]
+        for label, paths in zip(labels, runs, strict=True)
+    }
 
 
 def draw_band_figure(
@@ -111,7 +161,41 @@ def _statistics(doc: dict[str, Any], labels: tuple[str, str]) -> list[str]:
         "",
         f"![mean 1-D curves]({BAND_FIGURE}.png)",
         "",
+        *_seed_figures(doc, labels),
     ]
+
+
+_SEED_FIGURE_TEXT = {
+    "rho": "Worst-case sharpness against the radius rho (APGD), mean ± s.e. over seeds.",
+    "eigenvalues": "The top Hessian eigenvalues, mean ± s.e. over seeds; the legend gives "
+    "λ1/λk (Foret et al. 2021, Fig. 3).",
+    "density": "The Hessian's eigenvalue density by stochastic Lanczos quadrature, log "
+    "axis, mean over seeds (Ghorbani et al. 2019).",
+    "training": "The top Hessian eigenvalue over training with the optimizer's stability "
+    "edge (Cohen et al. 2021, Fig. 1).",
+}
+
+
+def _seed_figures(doc: dict[str, Any], labels: tuple[str, str]) -> list[str]:
+    lines: list[str] = []
+    for name in SEED_FIGURES:
+        if name not in doc["figures"]:
+            continue
+        if name == "training":
+            paths = [os.path.dirname(p) for p in doc["groups"]["a"] + doc["groups"]["b"]]
+            n = len(doc["groups"]["a"])
+            a, b = " ".join(paths[:n]), " ".join(paths[n:])
+            groups = f"--group {labels[0]} {a} --group {labels[1]} {b}"
+        else:
+            groups = f"--group {labels[0]} measure_a.json --group {labels[1]} measure_b.json"
+        lines += [
+            f"![{name}]({name}.png)",
+            "",
+            _SEED_FIGURE_TEXT[name] + f" Redraw: `sharpscope plot --kind {name} {groups} "
+            f"--out {name}.pdf --overwrite`",
+            "",
+        ]
+    return lines
 
 
 def _head(doc: dict[str, Any], labels: tuple[str, str]) -> list[str]:

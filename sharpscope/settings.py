@@ -273,12 +273,21 @@ class CompareSettings(EvaluationSettings):
     measure: bool = True
     trace_samples: int = DEFAULT_TRACE_SAMPLES
     draws: int = 1
+    # What compare measures groups of runs with, for its figures over seeds: sharpness at
+    # several radii (the range of Foret et al. 2021's rho grid search), the top-5
+    # eigenvalues (their Fig. 3 reports lambda_max / lambda_5) and the SLQ density
+    # (Ghorbani et al. 2019). Two single checkpoints get the measure table's defaults.
+    rhos: tuple[float, ...] = (0.01, 0.02, 0.05, 0.1)
+    eigs: int = 5
+    density: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
         for name in ("points", "points_2d"):
             _positive(name, getattr(self, name), low=2)
         _positive("draws", self.draws)
+        object.__setattr__(self, "rhos", tuple(self.rhos))
+        MeasureSettings(rhos=self.rhos, eigs=self.eigs, density=self.density)  # their checks
         if self.draws > MAX_DRAW:
             raise SharpscopeError(f"draws must be at most {MAX_DRAW}, got {self.draws}")
         check_grid_points(self.points_2d, self.points_2d)

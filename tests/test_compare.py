@@ -325,3 +325,53 @@ def test_groups_on_the_command_line(tmp_path, capsys):
     ]:
         assert message in exit2(argv, capsys)
     assert not (tmp_path / "x").exists()
+
+
+def test_groups_of_tracked_runs_get_the_four_figures_over_seeds(tmp_path, capsys):
+    """Groups of real runs trained with --track-every: compare draws sharpness against
+    rho, the top-k eigenvalues, the density and the eigenvalue over training, from the
+    measure documents it saves beside them; `sharpscope plot` redraws each from those
+    files byte for byte, and the plotted means are the statistics' means."""
+    from sharpscope import figures
+    from sharpscope.train import train
+    from sharpscope.train_config import TrainConfig
+
+    paths = {}
+    for optimizer in ("sgd", "sam"):
+        for seed in (0, 1):
+            config = TrainConfig(
+                optimizer=optimizer, seed=seed, steps=4, batch_size=64, model="mlp", width=8,
+                track_every=2, track_samples=64,
+            )  # fmt: skip
+            folder = tmp_path / f"{optimizer}-{seed}"
+            train(config, str(folder), quiet=True)
+            paths.setdefault(optimizer, []).append(str(folder / "checkpoint.pt"))
+    out = tmp_path / "cmp"
+    small = {**SMALL, "rhos": (0.02, 0.05), "eigs": 3, "draws": 1}
+    doc = compare.compare_checkpoints(
+        paths["sgd"], paths["sam"], str(out), labels=("SGD", "SAM"), **small
+    )
+    for name in ("rho", "eigenvalues", "density", "training"):
+        assert doc["figures"][name] == [f"{name}.pdf", f"{name}.png"]
+        assert (out / f"{name}.pdf").read_bytes().startswith(b"%PDF")
+    a = figures.read_measure_file(out / "measure_a.json")
+    b = figures.read_measure_file(out / "measure_b.json")
+    assert [d["hessian"]["eigenvalues"][0] for d in a] == doc["statistics"]["top eigenvalue"][
+        "values_a"
+    ]
+    fig = figures.plot_eigenvalues({"SGD": a, "SAM": b}, tmp_path / "e.png")
+    ax = fig.axes[0]
+    assert ax.get_xlabel() and ax.get_ylabel()
+    top_means = [container.lines[0].get_ydata()[0] for container in ax.containers]
+    expected = [doc["statistics"]["top eigenvalue"][k]["mean"] for k in ("a", "b")]
+    assert top_means == pytest.approx(expected, rel=1e-12)
+    text = (out / "report.md").read_text()
+    for name in ("rho", "eigenvalues", "density", "training"):
+        command = next(line for line in text.splitlines() if f"--kind {name} " in line)
+        argv = command.split("Redraw: `sharpscope ")[1].rstrip("`").split()
+        argv[argv.index("--out") + 1] = str(tmp_path / f"again-{name}.png")
+        for i, arg in enumerate(argv):
+            if arg.endswith(".json"):
+                argv[i] = str(out / arg)
+        assert main(argv) == 0
+        assert (tmp_path / f"again-{name}.png").read_bytes() == (out / f"{name}.png").read_bytes()
