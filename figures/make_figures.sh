@@ -7,7 +7,7 @@ root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
 sharpscope demo --out runs/demo --overwrite
 mkdir -p figures/demo
-for name in interpolation 1d 1d_band 2d_contour 2d_surface3d; do
+for name in interpolation 1d 1d_band 2d_contour 2d_surface3d rho eigenvalues density training; do
   for ext in png pdf; do
     cp "runs/demo/compare/$name.$ext" "figures/demo/$name.$ext"
   done
