@@ -214,105 +214,17 @@ def plot_training(
     figure_format(out)
     if x not in ("step", "epoch"):
         raise SharpscopeError(f"x must be 'step' or 'epoch', got {x!r}")
-    pairs = _groups(groups, "a training figure")
-    series = []  # (label, tracked runs, common steps)
-    for label, items in pairs:
-        runs = [
-            _tracked(item if isinstance(item, TrainingRun) else read_run(item)) for item in items
-        ]
-        common = sorted(set.intersection(*(set(r.top) for r in runs)))
-        if not common:
-            raise SharpscopeError(
-                f"group {label}: its runs share no tracked step (track them with the same "
-                "--track-every)"
-            )
-        keys = {_lr_key(r.run, x) for r in runs}
-        if len(keys) > 1:
-            raise SharpscopeError(
-                f"group {label}: its runs differ in learning rate, schedule, momentum or "
-                "epoch length: their thresholds differ (put them in separate groups)"
-            )
-        series.append((label, runs, common))
+    series = _series(_groups(groups, "a training figure"), x)
     every = [r for _, runs, _ in series for r in runs]
     if sharpness is None:
         sharpness = all(r.sharpness for r in every)
     if sharpness:
-        for r in every:
-            if not r.sharpness:
-                raise SharpscopeError(
-                    f"run {r.run.path} has no tracked sharpness (train it with --track-sharpness)"
-                )
-        rhos = {r.rho for r in every}
-        if len(rhos) > 1:
-            raise SharpscopeError(
-                f"the runs tracked sharpness at different ρ ({_either(sorted(rhos))}): "
-                "plot them separately"
-            )
-    per_epoch = {}
-    if x == "epoch":
-        for r in every:
-            per_epoch[r.run.path] = _steps_per_epoch(r.run)
-            if per_epoch[r.run.path] is None:
-                raise SharpscopeError(
-                    f"run {r.run.path} has no finished epoch, so its steps per epoch are "
-                    "unknown: plot it against steps"
-                )
-
+        _check_sharpness(every)
+    per_epoch = _epoch_lengths(every) if x == "epoch" else {}
     with paper_style():
         fig, axes = _figure(columns, 2 if sharpness else 1)
-        shared = len({_lr_key(runs[0].run, x) for _, runs, _ in series}) == 1
-        tops, lows = [], []
-        for i, (label, runs, common) in enumerate(series):
-            scale = per_epoch.get(runs[0].run.path) or 1
-            xs = np.asarray(common, dtype=float) / scale
-            style = _style(i)
-            panels = [(axes[0], "top")] + ([(axes[1], "sharpness")] if sharpness else [])
-            for ax, what in panels:
-                stats = [summary([getattr(r, what)[s] for r in runs]) for s in common]
-                mean = np.array([s.mean for s in stats])
-                ax.plot(xs, mean, label=legend_label(label, len(runs)), **style)
-                if len(runs) > 1:
-                    se = np.array([s.stderr for s in stats])
-                    ax.fill_between(
-                        xs, mean - se, mean + se, color=style["color"], alpha=BAND_ALPHA, lw=0
-                    )
-                    if what == "top":
-                        tops.append(float((mean + se).max()))
-                        lows.append(float((mean - se).min()))
-                elif what == "top":
-                    tops.append(float(mean.max()))
-                    lows.append(float(mean.min()))
-        for i, (label, runs, common) in enumerate(series):  # the thresholds, after
-            if shared and i > 0:
-                break
-            run = runs[0].run
-            scale = per_epoch.get(run.path) or 1
-            first, last = (
-                (min(c[0] for _, _, c in series), max(c[-1] for _, _, c in series))
-                if shared
-                else (common[0], common[-1])
-            )
-            steps, threshold = _threshold_curve(run, first, last)
-            lowest = threshold[np.isfinite(threshold)]
-            if lowest.size:
-                tops.append(float(lowest.min()))
-            _, formula = stability_threshold(run.config, 1.0)
-            line = {
-                "color": "k" if shared else _style(i)["color"],
-                "linestyle": "--",
-                "linewidth": 0.9,
-                "label": formula + ("" if shared else f", {label}"),
-            }
-            c = run.config
-            if c.schedule == "constant" and (c.warmup == 0 or first >= c.warmup):
-                line["label"] += f" (η = {c.lr:g})"
-                axes[0].axhline(stability_threshold(c, c.lr)[0], **line)
-            else:
-                line["label"] += f" (η: {c.lr:g}, {c.schedule}" + (
-                    f", {c.warmup} warmup steps)" if c.warmup else ")"
-                )
-                shown = np.where(np.isfinite(threshold), threshold, np.nan)
-                axes[0].plot(steps / scale, shown, **line)
+        tops, lows = _draw_curves(axes, series, per_epoch, sharpness)
+        tops += _draw_thresholds(axes[0], series, per_epoch, x)
         # Room for the data and the threshold at its lowest; a threshold rising with a
         # falling lr leaves the axes at the top.
         if log:
@@ -336,3 +248,118 @@ def plot_training(
         axes[0].legend(frameon=False)
         _finish(fig, axes, out, title)
     return fig
+
+
+def _series(pairs, x: str) -> list:
+    """(label, tracked runs, the steps all of them tracked) per group."""
+    series = []
+    for label, items in pairs:
+        runs = [
+            _tracked(item if isinstance(item, TrainingRun) else read_run(item)) for item in items
+        ]
+        common = sorted(set.intersection(*(set(r.top) for r in runs)))
+        if not common:
+            raise SharpscopeError(
+                f"group {label}: its runs share no tracked step (track them with the same "
+                "--track-every)"
+            )
+        keys = {_lr_key(r.run, x) for r in runs}
+        if len(keys) > 1:
+            raise SharpscopeError(
+                f"group {label}: its runs differ in learning rate, schedule, momentum or "
+                "epoch length: their thresholds differ (put them in separate groups)"
+            )
+        series.append((label, runs, common))
+    return series
+
+
+def _check_sharpness(every: list) -> None:
+    for r in every:
+        if not r.sharpness:
+            raise SharpscopeError(
+                f"run {r.run.path} has no tracked sharpness (train it with --track-sharpness)"
+            )
+    rhos = {r.rho for r in every}
+    if len(rhos) > 1:
+        raise SharpscopeError(
+            f"the runs tracked sharpness at different ρ ({_either(sorted(rhos))}): "
+            "plot them separately"
+        )
+
+
+def _epoch_lengths(every: list) -> dict[str, int]:
+    per_epoch = {}
+    for r in every:
+        per_epoch[r.run.path] = _steps_per_epoch(r.run)
+        if per_epoch[r.run.path] is None:
+            raise SharpscopeError(
+                f"run {r.run.path} has no finished epoch, so its steps per epoch are "
+                "unknown: plot it against steps"
+            )
+    return per_epoch
+
+
+def _draw_curves(axes, series, per_epoch, sharpness: bool) -> tuple[list[float], list[float]]:
+    """Each group's mean curve with its band; the highest and lowest values drawn on the
+    eigenvalue panel."""
+    tops, lows = [], []
+    for i, (label, runs, common) in enumerate(series):
+        scale = per_epoch.get(runs[0].run.path) or 1
+        xs = np.asarray(common, dtype=float) / scale
+        style = _style(i)
+        panels = [(axes[0], "top")] + ([(axes[1], "sharpness")] if sharpness else [])
+        for ax, what in panels:
+            stats = [summary([getattr(r, what)[s] for r in runs]) for s in common]
+            mean = np.array([s.mean for s in stats])
+            ax.plot(xs, mean, label=legend_label(label, len(runs)), **style)
+            if len(runs) > 1:
+                se = np.array([s.stderr for s in stats])
+                ax.fill_between(
+                    xs, mean - se, mean + se, color=style["color"], alpha=BAND_ALPHA, lw=0
+                )
+                if what == "top":
+                    tops.append(float((mean + se).max()))
+                    lows.append(float((mean - se).min()))
+            elif what == "top":
+                tops.append(float(mean.max()))
+                lows.append(float(mean.min()))
+    return tops, lows
+
+
+def _draw_thresholds(ax, series, per_epoch, x: str) -> list[float]:
+    """The stability thresholds: one black line when every group shares the schedule,
+    else one per group in its color; returns their lowest values."""
+    shared = len({_lr_key(runs[0].run, x) for _, runs, _ in series}) == 1
+    tops = []
+    for i, (label, runs, common) in enumerate(series):
+        if shared and i > 0:
+            break
+        run = runs[0].run
+        scale = per_epoch.get(run.path) or 1
+        first, last = (
+            (min(c[0] for _, _, c in series), max(c[-1] for _, _, c in series))
+            if shared
+            else (common[0], common[-1])
+        )
+        steps, threshold = _threshold_curve(run, first, last)
+        lowest = threshold[np.isfinite(threshold)]
+        if lowest.size:
+            tops.append(float(lowest.min()))
+        _, formula = stability_threshold(run.config, 1.0)
+        line = {
+            "color": "k" if shared else _style(i)["color"],
+            "linestyle": "--",
+            "linewidth": 0.9,
+            "label": formula + ("" if shared else f", {label}"),
+        }
+        c = run.config
+        if c.schedule == "constant" and (c.warmup == 0 or first >= c.warmup):
+            line["label"] += f" (η = {c.lr:g})"
+            ax.axhline(stability_threshold(c, c.lr)[0], **line)
+        else:
+            line["label"] += f" (η: {c.lr:g}, {c.schedule}" + (
+                f", {c.warmup} warmup steps)" if c.warmup else ")"
+            )
+            shown = np.where(np.isfinite(threshold), threshold, np.nan)
+            ax.plot(steps / scale, shown, **line)
+    return tops

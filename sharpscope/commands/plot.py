@@ -26,6 +26,8 @@ SURFACE_ONLY = ("style", "quantity", "no_accuracy", "labels", "levels", "vmax")
 TRAINING_ONLY = ("x_axis", "no_sharpness")
 
 
+# One add_argument per option, in the order --help lists them: long, but a list to read
+# down, not logic.
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "plot",
