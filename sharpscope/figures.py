@@ -495,6 +495,38 @@ def plot_eigenvalues(
     return fig
 
 
+# -- 5. a sharpness measure against generalization ---------------------------------------
+def plot_correlation(
+    result: Mapping[str, Any],
+    out: str | os.PathLike,
+    *,
+    columns: int = 2,
+    title: str | None = None,
+) -> Figure:
+    """One scatter panel per measure of ``result`` (what
+    :func:`sharpscope.groups.correlations` returns: the models' values of each measure
+    against their generalization gap), each titled with Kendall's tau and its 95%
+    interval (Jiang et al. 2020 show such a plot per measure)."""
+    figure_format(out)
+    measures = result.get("measures") or {}
+    if not measures:
+        raise SharpscopeError("no measure to correlate: measure 3 checkpoints or more")
+    gaps = _numbers(result.get("gaps"), "the generalization gaps")
+    with paper_style():
+        fig = Figure(figsize=(_width(columns), 2.4), layout="constrained")
+        axes = list(np.atleast_1d(fig.subplots(1, len(measures))))
+        for ax, (name, r) in zip(axes, measures.items(), strict=True):
+            values = _numbers(r.get("values"), f"the values of {name}")
+            if values.shape != gaps.shape:
+                raise SharpscopeError(f"{name}: {len(values)} values for {len(gaps)} models")
+            ax.scatter(values, gaps, s=12, **{"color": _style(0)["color"]})
+            ax.set_xlabel(name)
+            ax.set_title(f"τ = {r['tau']:+.2f} [{r['low']:+.2f}, {r['high']:+.2f}]", fontsize=8)
+        axes[0].set_ylabel(str(result.get("generalization", "generalization gap")))
+        _finish(fig, axes, out, title)
+    return fig
+
+
 # The training figure reads run folders; it lives in training_figure.py, exported here too.
 from .training_figure import (  # noqa: E402, F401 (re-exported)
     TrainingRun,

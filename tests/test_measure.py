@@ -301,7 +301,9 @@ def test_correlate_over_checkpoints_prints_and_writes_kendalls_tau(tmp_path, cap
         )
     out = tmp_path / "m.json"
     argv = ["measure", *paths, "--samples", "32", "--no-trace", "--steps", "2", "--quiet"]
-    assert main([*argv, "--correlate", "--json", str(out)]) == 0
+    scatter = tmp_path / "tau.pdf"
+    assert main([*argv, "--correlate", "--json", str(out), "--scatter", str(scatter)]) == 0
+    assert scatter.read_bytes().startswith(b"%PDF")
     assert "Kendall's tau with the accuracy gap" in capsys.readouterr().out
     saved = strict_json(out.read_text())
     gaps = [r["accuracy"]["train"] - r["accuracy"]["test"] for r in saved["results"]]
@@ -309,3 +311,8 @@ def test_correlate_over_checkpoints_prints_and_writes_kendalls_tau(tmp_path, cap
     assert set(saved["correlation"]["measures"]) == {"sharpness (rho 0.05)", "top eigenvalue"}
     assert main(["measure", *paths[:2], "--correlate"]) == 2
     assert "at least 3" in capsys.readouterr().err
+    assert main(["measure", *paths, "--scatter", str(tmp_path / "s.png")]) == 2
+    assert "give --correlate" in capsys.readouterr().err
+    assert main(["measure", *paths, "--correlate", "--scatter", str(tmp_path / "s.txt")]) == 2
+    capsys.readouterr()
+    assert not (tmp_path / "s.png").exists() and not (tmp_path / "s.txt").exists()

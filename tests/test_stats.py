@@ -79,7 +79,7 @@ def test_kendall_interval_is_seeded_and_narrows_with_more_models():
         kendall([1, 2], [2, 1])
 
 
-def test_correlations_of_measure_documents_with_the_generalization_gap():
+def test_correlations_of_measure_documents_with_the_generalization_gap(tmp_path):
     """Kendall's tau of each measure against the accuracy gap, from documents as measure
     writes them; equal to scipy's on the same numbers."""
     from sharpscope.groups import correlations, format_correlations
@@ -103,5 +103,15 @@ def test_correlations_of_measure_documents_with_the_generalization_gap():
         assert result["measures"][name]["tau"] == pytest.approx(ref.statistic, rel=1e-12)
         assert result["measures"][name]["p"] == pytest.approx(ref.pvalue, rel=1e-12)
     assert "top eigenvalue" in format_correlations(result)
+    from sharpscope.figures import plot_correlation
+
+    fig = plot_correlation(result, tmp_path / "scatter.png")
+    assert (tmp_path / "scatter.png").stat().st_size > 0
+    panels = {ax.get_xlabel(): ax for ax in fig.axes}
+    assert set(panels) == set(result["measures"])
+    ax = panels["top eigenvalue"]
+    np.testing.assert_allclose(ax.collections[0].get_offsets(), np.column_stack([eig, gap_values]))
+    assert ax.get_title().startswith(f"τ = {ref.statistic:+.2f}")
+    assert fig.axes[0].get_ylabel() == "accuracy gap (train - test)"
     with pytest.raises(SharpscopeError, match="at least 3"):
         correlations(docs[:2])

@@ -10,6 +10,7 @@ from .. import distributed
 from ..data import Dataset
 from ..devices import resolve_device
 from ..errors import SharpscopeError
+from ..figures import plot_correlation
 from ..files import remove_stale_temporaries, write_json
 from ..groups import correlations, format_correlations
 from ..hessian import METHODS
@@ -22,6 +23,7 @@ from ..measure import (
     measure,
 )
 from ..objective import PARAM_FILTERS
+from ..plots import figure_format
 from ..settings import MeasureSettings
 from ..sharpness import NORMS
 from .common import (
@@ -158,6 +160,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "tau between each sharpness number and the generalization gap, with a bootstrap "
         "95%% interval (Jiang et al. 2020)",
     )
+    p.add_argument(
+        "--scatter",
+        metavar="FIG",
+        help="with --correlate: a scatter figure of each measure against the generalization "
+        "gap (.pdf, .png or .svg)",
+    )
     p.add_argument("--json", metavar="FILE", help="write every number with its settings")
     add_overwrite_argument(p, "the --json file")
     p.add_argument("--labels", nargs="+", help="column labels (default: file names)")
@@ -180,6 +188,11 @@ def run(args: argparse.Namespace) -> int:
         raise SharpscopeError("--density is a curve, not a table entry: give --json FILE for it")
     if args.correlate and len(args.checkpoints) < 3:
         raise SharpscopeError("--correlate needs at least 3 checkpoints")
+    if args.scatter is not None:
+        if not args.correlate:
+            raise SharpscopeError("--scatter draws the --correlate result: give --correlate")
+        figure_format(args.scatter)
+        check_output_path(args.scatter, overwrite=args.overwrite, inputs=args.checkpoints)
     if args.labels and len(args.labels) != len(args.checkpoints):
         raise SharpscopeError("--labels needs one label per checkpoint")
     device = distributed.init_from_environment(resolve_device(args.device))
@@ -223,5 +236,7 @@ def _measure_all(args: argparse.Namespace, settings: MeasureSettings, device) ->
         if args.correlate:
             written["correlation"] = correlations(documents, seed=settings.seed)
             print(format_correlations(written["correlation"]))
+            if args.scatter:
+                plot_correlation(written["correlation"], args.scatter)
         if args.json:
             write_json(args.json, written)
