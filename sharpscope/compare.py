@@ -126,7 +126,7 @@ def compare_checkpoints(
         seconds["figures"] = time.perf_counter() - start
         document = _document(s, device, path_a, path_b, labels, interp, curves, planes)
         document.update(measure=measured, figures=figures, seconds=seconds)
-        if len(group_a) > 1 or len(group_b) > 1 or s.draws > 1:
+        if run["grouped"] or s.draws > 1:
             run["training"] = training
             stats = _statistics((group_a, group_b), measured, curves, run, say, seconds)
             documents = stats.pop("documents")
@@ -182,7 +182,7 @@ def _statistics(groups, measured, curves, run: dict[str, Any], say, seconds) -> 
                     draws.append(curves[side])  # the picture's curve: draw 0 of the first
                     continue
                 say(f"1-D landscape of {path}, direction draw {draw}")
-                draws.append(_curve(path, draw, run))
+                draws.append(_landscape(path, run, dim=1, points=s.points, draw=draw))
             rises = [landscape_summary(c)["mean_rise"] for c in draws]
             row[f"1-D mean rise ({s.draws} draw{'s' * (s.draws > 1)})"] = float(np.mean(rises))
             losses += [np.asarray(c.loss, dtype=float) for c in draws]
@@ -239,22 +239,22 @@ def _measure_one(path: str, run: dict[str, Any]) -> dict[str, Any]:
     )
 
 
-def _curve(path: str, draw: int, run: dict[str, Any]) -> Surface:
-    """The 1-D curve of checkpoint ``path`` along direction draw ``draw`` (same examples)."""
+def _landscape(path: str, run: dict[str, Any], **surface: Any) -> Surface:
+    """A landscape of checkpoint ``path`` with the comparison's range, directions and
+    examples; ``surface``: dim, points, and a label or a direction draw. Every model gets
+    the same raw directions of ``seed`` (and the same examples)."""
     s: CompareSettings = run["settings"]
     return landscape_for_checkpoint(
         path,
-        dim=1,
-        points=s.points,
         range=s.range,
         directions=s.directions,
         seed=s.seed,
-        draw=draw,
         split=s.split,
         samples=s.samples,
         batch_size=s.batch_size,
         device=run["device"],
         progress=run["progress"],
+        **surface,
         **run["loading"].keywords(),
     )
 
@@ -306,21 +306,7 @@ def _surfaces(paths, labels, run: dict[str, Any], say, seconds, stage: str):
         start = time.perf_counter()
         for path, label, key in zip(paths, labels, "ab", strict=True):
             say(f"{dim}-D landscape of {label} ({n} points{' per axis' if dim == 2 else ''})")
-            surface = landscape_for_checkpoint(
-                path,
-                dim=dim,
-                points=n,
-                range=s.range,
-                directions=s.directions,
-                seed=s.seed,  # the same raw directions (and examples) for both models
-                split=s.split,
-                samples=s.samples,
-                batch_size=s.batch_size,
-                label=label,
-                device=run["device"],
-                progress=run["progress"],
-                **run["loading"].keywords(),
-            )
+            surface = _landscape(path, run, dim=dim, points=n, label=label)
             surface.save(os.path.join(stage, f"{dim}d_{key}.npz"))
             store.append(surface)
         seconds[f"{dim}d"] = time.perf_counter() - start

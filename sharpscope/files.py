@@ -192,3 +192,21 @@ def exclusive_lock(lock_path: str, what: str) -> Iterator[None]:
         with contextlib.suppress(FileNotFoundError):
             os.remove(lock_path)
         os.close(fd)
+
+
+def npz_headers(f: Any) -> Iterator[tuple[str, tuple[int, ...], Any]]:
+    """(member name, shape, dtype) of every member of an open ``numpy.load`` .npz file,
+    read from the .npy headers without reading the arrays. Every member counts: numpy
+    may read a member named ``NAME`` for the key ``NAME`` rather than ``NAME.npy``."""
+    import numpy as np
+
+    for name in f.zip.namelist():
+        with f.zip.open(name) as member:
+            version = np.lib.format.read_magic(member)
+            read_header = (
+                np.lib.format.read_array_header_1_0
+                if version == (1, 0)
+                else np.lib.format.read_array_header_2_0
+            )
+            shape, _, dtype = read_header(member)
+        yield name, shape, dtype

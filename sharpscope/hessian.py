@@ -205,12 +205,12 @@ def hessian_eigenvalues(
     warning raised) when ``max_iter`` ran out before every pair met tol.
     """
     check_eigenvalue_options(method, which, tol)
-    forms = {"batch_loss": batch_loss, "examples_in": examples_in}
     obj = make_objective(
         model,
         data,
         loss_fn,
-        **forms,
+        batch_loss=batch_loss,
+        examples_in=examples_in,
         param_filter=param_filter,
         batch_size=batch_size,
         device=device,
@@ -428,12 +428,12 @@ def hessian_trace(
     cap for its ``trace`` (``maxIter=100``), without its early stop on a relative change.
     """
     check_trace_samples(samples)
-    forms = {"batch_loss": batch_loss, "examples_in": examples_in}
     obj = make_objective(
         model,
         data,
         loss_fn,
-        **forms,
+        batch_loss=batch_loss,
+        examples_in=examples_in,
         param_filter=param_filter,
         batch_size=batch_size,
         device=device,
@@ -497,12 +497,12 @@ def hessian_density(
         raise SharpscopeError("density needs runs >= 1, steps >= 1 and grid_points >= 2")
     if sigma is not None and sigma <= 0:
         raise SharpscopeError(f"sigma must be positive, got {sigma}")
-    forms = {"batch_loss": batch_loss, "examples_in": examples_in}
     obj = make_objective(
         model,
         data,
         loss_fn,
-        **forms,
+        batch_loss=batch_loss,
+        examples_in=examples_in,
         param_filter=param_filter,
         batch_size=batch_size,
         device=device,

@@ -43,12 +43,6 @@ def _objectives(
     examples of each split (data.py); of other data, ``dataset`` as given for
     ``s.split`` and ``test_data`` (if any) for the other split. ``forms``: the
     Objective's loss keywords (loss_fn, batch_loss, examples_in) for other data."""
-    common = {
-        "param_filter": s.param_filter,
-        "batch_size": s.batch_size,
-        "device": device,
-        "accumulate_dtype": torch.float64,  # docs/algorithms.md, pitfalls: small-rho differences
-    }
     if not isinstance(dataset, Dataset):
         other = "test" if s.split == "train" else "train"
         given = {s.split: dataset, other: test_data}
@@ -56,19 +50,40 @@ def _objectives(
         if forms.get("loss_fn") is None and forms.get("batch_loss") is None:
             forms["loss_fn"] = get_loss(loss or "ce")
         return {
-            name: Objective(model, data, **forms, **common)
+            name: _objective(model, data, s, device, **forms)
             for name, data in given.items()
             if data is not None
         }
     loss_fn = get_loss(loss or "ce")
-    dtype = next(model.parameters()).dtype
-    objectives = {}
-    for name in ("train", "test"):
-        x, y = dataset.examples(name, s.samples, seed=s.seed)
-        if x.is_floating_point():
-            x = x.to(dtype)  # a float64 model is measured in float64
-        objectives[name] = Objective(model, (x, y), loss_fn, **common)
-    return objectives
+    return {
+        name: _examples_objective(
+            model, dataset.examples(name, s.samples, seed=s.seed), loss_fn, s, device
+        )
+        for name in ("train", "test")
+    }
+
+
+def _objective(model: nn.Module, data: Any, s: MeasureSettings, device, **forms) -> Objective:
+    """The objective every number of ``measure`` is computed on: ``s``'s parameters and
+    batch size, sums in float64 (docs/algorithms.md, pitfalls: small-rho differences)."""
+    return Objective(
+        model,
+        data,
+        param_filter=s.param_filter,
+        batch_size=s.batch_size,
+        device=device,
+        accumulate_dtype=torch.float64,
+        **forms,
+    )
+
+
+def _examples_objective(model, examples, loss_fn, s: MeasureSettings, device) -> Objective:
+    """:func:`_objective` on (inputs, targets) drawn from a data set, float inputs cast to
+    the model's dtype (a float64 model is measured in float64)."""
+    x, y = examples
+    if x.is_floating_point():
+        x = x.to(next(model.parameters()).dtype)
+    return _objective(model, (x, y), s, device, loss_fn=loss_fn)
 
 
 def _check_objective(obj: Objective, split: str, eigs: int) -> dict[str, float]:
@@ -169,7 +184,7 @@ def measure(
     if s.subsets > 1:
         if not isinstance(dataset, Dataset):
             raise SharpscopeError("subsets need a data set to draw examples from (a Dataset)")
-        doc["sampling"] = _sampling(model, dataset, s, loss, device, progress)
+        doc["sampling"] = _sampling(model, dataset, s, loss, device)
     return json_safe(doc)
 
 
@@ -179,29 +194,18 @@ def measure(
 LARGE_SAMPLING_ERROR = 0.1
 
 
-def _sampling(model, dataset, s: MeasureSettings, loss, device, progress) -> dict[str, Any]:
+def _sampling(model, dataset, s: MeasureSettings, loss, device) -> dict[str, Any]:
     """The sharpness at the first rho and the top eigenvalue on ``s.subsets`` disjoint
     sets of ``s.samples`` examples of ``s.split``: every value, their mean ± standard
     error, and a note where the error is large against the value."""
     from .stats import summary
 
     loss_fn = get_loss(loss or "ce")
-    dtype = next(model.parameters()).dtype
     values: dict[str, list[float]] = {"sharpness": [], "top_eigenvalue": []}
-    for x, y in dataset.example_subsets(s.split, s.samples, s.subsets, seed=s.seed):
-        obj = Objective(
-            model,
-            (x.to(dtype) if x.is_floating_point() else x, y),
-            loss_fn,
-            param_filter=s.param_filter,
-            batch_size=s.batch_size,
-            device=device,
-            accumulate_dtype=torch.float64,
-        )
+    for examples in dataset.example_subsets(s.split, s.samples, s.subsets, seed=s.seed):
+        obj = _examples_objective(model, examples, loss_fn, s, device)
         if s.rhos:
-            apgd = {"norm": s.norm, "adaptive": s.adaptive, "eta": s.eta, "steps": s.steps}
-            result = sharpness(obj, rho=s.rhos[0], restarts=s.restarts, m=s.m, seed=s.seed, **apgd)
-            values["sharpness"].append(result.value)
+            values["sharpness"].append(_apgd(obj, s, s.rhos[0], False).value)
         if s.eigs:
             top = hessian_eigenvalues(obj, k=1, method=s.eig_method, tol=s.eig_tol, seed=s.seed)
             values["top_eigenvalue"].append(top.eigenvalues[0])
@@ -233,16 +237,23 @@ def _loss_name(loss: str | None, loss_fn: Callable | None, batch_loss: Callable 
 
 
 def _sharpness(obj: Objective, s: MeasureSettings, progress: bool) -> list[dict[str, Any]]:
-    apgd = {"norm": s.norm, "adaptive": s.adaptive, "eta": s.eta, "steps": s.steps}
-    return [
-        {
-            "split": s.split,
-            **sharpness(
-                obj, rho=rho, restarts=s.restarts, m=s.m, seed=s.seed, progress=progress, **apgd
-            ).to_dict(),
-        }
-        for rho in s.rhos
-    ]
+    return [{"split": s.split, **_apgd(obj, s, rho, progress).to_dict()} for rho in s.rhos]
+
+
+def _apgd(obj: Objective, s: MeasureSettings, rho: float, progress: bool):
+    """Worst-case sharpness at ``rho`` with ``s``'s APGD settings."""
+    return sharpness(
+        obj,
+        rho=rho,
+        norm=s.norm,
+        adaptive=s.adaptive,
+        eta=s.eta,
+        steps=s.steps,
+        restarts=s.restarts,
+        m=s.m,
+        seed=s.seed,
+        progress=progress,
+    )
 
 
 def _average_sharpness(obj: Objective, s: MeasureSettings, progress: bool) -> list[dict]:

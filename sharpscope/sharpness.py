@@ -219,21 +219,12 @@ def _apgd(
     return best_value, best_u
 
 
-def _objective(model, data, loss_fn, param_filter, batch_size, device, accumulate_dtype, forms):
-    """:func:`make_objective`, summing in float64 unless told otherwise when it builds
-    (``forms``: batch_loss and examples_in)."""
+def _objective(model, data, loss_fn, accumulate_dtype, **options) -> Objective:
+    """:func:`make_objective` with ``options`` (its keywords), summing in float64 unless
+    told otherwise when it builds."""
     if not isinstance(model, Objective):
         accumulate_dtype = accumulate_dtype or torch.float64
-    return make_objective(
-        model,
-        data,
-        loss_fn,
-        **forms,
-        param_filter=param_filter,
-        batch_size=batch_size,
-        device=device,
-        accumulate_dtype=accumulate_dtype,
-    )
+    return make_objective(model, data, loss_fn, accumulate_dtype=accumulate_dtype, **options)
 
 
 def sharpness(
@@ -292,9 +283,16 @@ def sharpness(
         of the whole set (with m: of single batches).
     """
     check_sharpness_options(rho, norm, steps, restarts, eta, m)
-    forms = {"batch_loss": batch_loss, "examples_in": examples_in}
     obj = _objective(
-        model, data, loss_fn, param_filter, batch_size, device, accumulate_dtype, forms
+        model,
+        data,
+        loss_fn,
+        accumulate_dtype,
+        batch_loss=batch_loss,
+        examples_in=examples_in,
+        param_filter=param_filter,
+        batch_size=batch_size,
+        device=device,
     )
     base_loss = obj.check_finite()  # every batch's loss is finite when the mean is
     groups = [obj] if m is None else _micro_batches(obj, m)
@@ -440,9 +438,16 @@ def average_sharpness(
     """
     check_sharpness_options(rho, norm, eta=eta)
     check_average_samples(samples)
-    forms = {"batch_loss": batch_loss, "examples_in": examples_in}
     obj = _objective(
-        model, data, loss_fn, param_filter, batch_size, device, accumulate_dtype, forms
+        model,
+        data,
+        loss_fn,
+        accumulate_dtype,
+        batch_loss=batch_loss,
+        examples_in=examples_in,
+        param_filter=param_filter,
+        batch_size=batch_size,
+        device=device,
     )
     loss = obj.check_finite()
     c = _scale(obj, adaptive, eta)

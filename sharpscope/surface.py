@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from .errors import SharpscopeError, first_line
-from .files import atomic_write
+from .files import atomic_write, npz_headers
 
 KINDS = ("1d", "2d", "interpolation")
 
@@ -232,21 +232,8 @@ MAX_SURFACE_BYTES = 4 * 2**30
 
 
 def _npz_bytes(f: np.lib.npyio.NpzFile) -> int:
-    """The bytes the arrays of ``f`` would take, read from the .npy headers of all its
-    members (numpy may read a member named ``NAME`` for the key ``NAME`` rather than
-    ``NAME.npy``: every member counts)."""
-    total = 0
-    for name in f.zip.namelist():
-        with f.zip.open(name) as member:
-            version = np.lib.format.read_magic(member)
-            read_header = (
-                np.lib.format.read_array_header_1_0
-                if version == (1, 0)
-                else np.lib.format.read_array_header_2_0
-            )
-            shape, _, dtype = read_header(member)
-        total += math.prod(shape) * dtype.itemsize
-    return total
+    """The bytes the arrays of ``f`` would take, from the .npy headers of all its members."""
+    return sum(math.prod(shape) * dtype.itemsize for _, shape, dtype in npz_headers(f))
 
 
 def _is_real(a: Any) -> bool:

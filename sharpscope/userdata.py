@@ -43,6 +43,7 @@ import numpy as np
 import torch
 
 from .errors import SharpscopeError, first_line
+from .files import npz_headers
 from .usercode import call, describe, parse_factory, resolve_factory
 
 SOURCES = ("npz", "pt", "folder", "factory")
@@ -172,8 +173,7 @@ def _read_npz(path: str) -> dict[str, Any]:
     try:
         with loaded as f:
             total = 0
-            for member in f.zip.namelist():  # every member counts (see surface._npz_bytes)
-                shape, dtype = _npy_header(f, member)
+            for member, shape, dtype in npz_headers(f):
                 if dtype.hasobject:
                     raise SharpscopeError(
                         f"{path}: {member} holds Python objects, which sharpscope does not "
@@ -188,18 +188,6 @@ def _read_npz(path: str) -> dict[str, Any]:
         raise
     except Exception as exc:  # a damaged zip or .npy
         raise SharpscopeError(f"{path}: not a readable .npz file ({first_line(exc)})") from None
-
-
-def _npy_header(f: Any, member: str) -> tuple[tuple[int, ...], np.dtype]:
-    with f.zip.open(member) as stream:
-        version = np.lib.format.read_magic(stream)
-        read = (
-            np.lib.format.read_array_header_1_0
-            if version == (1, 0)
-            else np.lib.format.read_array_header_2_0
-        )
-        shape, _, dtype = read(stream)
-    return shape, dtype
 
 
 def _check_keys(path: str, keys: Sequence[str]) -> None:
