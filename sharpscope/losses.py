@@ -33,9 +33,12 @@ def logits_of(outputs: Any) -> torch.Tensor:
     )
 
 
-def cross_entropy(outputs: Any, targets: torch.Tensor) -> torch.Tensor:
+def cross_entropy(
+    outputs: Any, targets: torch.Tensor, label_smoothing: float = 0.0
+) -> torch.Tensor:
     """Mean cross-entropy of logits ``outputs`` (n, C) against class indices (n,), or
-    against class probabilities of the same shape as the logits.
+    against class probabilities of the same shape as the logits (``label_smoothing``:
+    torch's).
 
     Float targets of any other shape are refused: they are regression targets, and
     cross-entropy over them is silently meaningless (over one output column it is 0).
@@ -49,7 +52,7 @@ def cross_entropy(outputs: Any, targets: torch.Tensor) -> torch.Tensor:
             f"shape {tuple(targets.shape)} for outputs of shape {tuple(logits.shape)}: for "
             "regression use the 'mse' loss (or your own loss_fn)"
         )
-    return F.cross_entropy(logits, targets)
+    return F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
 
 
 def mse(outputs: Any, targets: torch.Tensor) -> torch.Tensor:
@@ -82,7 +85,7 @@ class LabelSmoothingCrossEntropy:
         self.smoothing = float(smoothing)
 
     def __call__(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits_of(outputs), targets, label_smoothing=self.smoothing)
+        return cross_entropy(outputs, targets, self.smoothing)
 
 
 LOSSES = ("ce", "mse")
