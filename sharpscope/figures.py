@@ -39,10 +39,10 @@ from matplotlib.transforms import ScaledTranslation
 
 from .errors import SharpscopeError, first_line
 from .plots import (
-    COLUMN_WIDTH_IN,
     LINE_COLORS,
     LINE_STYLES,
     figure_format,
+    figure_width,
     paper_style,
     save_figure,
 )
@@ -178,12 +178,6 @@ def _examples(splits: Sequence[Any], counts: Sequence[Any]) -> str:
 
 
 # -- drawing -------------------------------------------------------------------------
-def _width(columns: int) -> float:
-    if columns not in COLUMN_WIDTH_IN:
-        raise SharpscopeError(f"--columns must be 1 or 2, got {columns}")
-    return COLUMN_WIDTH_IN[columns]
-
-
 def _style(i: int) -> dict[str, Any]:
     return {"color": LINE_COLORS[i % len(LINE_COLORS)], "linestyle": LINE_STYLES[i % 4]}
 
@@ -223,7 +217,7 @@ def _errorbars(
 
 
 def _figure(columns: int, panels: int = 1) -> tuple[Figure, list[Axes]]:
-    width = _width(columns)
+    width = figure_width(columns)
     if panels == 1:
         fig = Figure(figsize=(width, 2.4), layout="constrained")
         return fig, [fig.subplots()]
@@ -513,7 +507,7 @@ def plot_correlation(
         raise SharpscopeError("no measure to correlate: measure 3 checkpoints or more")
     gaps = _numbers(result.get("gaps"), "the generalization gaps")
     with paper_style():
-        fig = Figure(figsize=(_width(columns), 2.4), layout="constrained")
+        fig = Figure(figsize=(figure_width(columns), 2.4), layout="constrained")
         axes = list(np.atleast_1d(fig.subplots(1, len(measures))))
         for ax, (name, r) in zip(axes, measures.items(), strict=True):
             values = _numbers(r.get("values"), f"the values of {name}")

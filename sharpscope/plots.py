@@ -220,7 +220,8 @@ def paper_style() -> Iterator[None]:
         yield
 
 
-def _width(columns: int) -> float:
+def figure_width(columns: int) -> float:
+    """Inches of a figure ``columns`` (1 or 2) columns of a paper wide."""
     if columns not in COLUMN_WIDTH_IN:
         raise SharpscopeError(f"--columns must be 1 or 2, got {columns}")
     return COLUMN_WIDTH_IN[columns]
@@ -281,7 +282,7 @@ def plot_1d(
                 f"nothing to plot for {surface_label(s, 'a curve')}: every point is NaN or infinite"
             )
     accuracy = accuracy and all(_has_accuracy(s) for s in surfaces)
-    width = _width(columns)
+    width = figure_width(columns)
     with paper_style():
         if accuracy and columns == 1:
             fig = Figure(figsize=(width, 3.6), layout="constrained")
@@ -397,7 +398,7 @@ def plot_2d(
     scale = shared_color_scale(grids, n_levels=n_levels, log=log, vmax=vmax)
     n = len(surfaces)
     columns = columns if columns is not None else (1 if n == 1 else 2)
-    width = _width(columns)
+    width = figure_width(columns)
     shared_y = _same_coords(surfaces)
     settings = surfaces[0].settings or {}
     with paper_style():

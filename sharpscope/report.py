@@ -81,12 +81,12 @@ def draw_band_figure(
     of one standard error, as PDF and PNG; returns the file names."""
     from matplotlib.figure import Figure
 
-    from .plots import _width, paper_style, save_figure
+    from .plots import figure_width, paper_style, save_figure
 
     files = []
     for fmt in FIGURE_FORMATS:
         with paper_style():
-            fig = Figure(figsize=(_width(1), 2.6), layout="constrained")
+            fig = Figure(figsize=(figure_width(1), 2.6), layout="constrained")
             ax = fig.subplots()
             for band, label in zip(bands, labels, strict=True):
                 x, mean = np.asarray(band["coords"]), np.asarray(band["mean"])
