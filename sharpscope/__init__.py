@@ -20,7 +20,7 @@ from .objective import Objective
 from .plots import plot_1d, plot_2d
 from .sam import GSAM, SAM, bn_running_stats_frozen, rho_from_lr
 from .sharpness import average_sharpness, sharpness
-from .surface import Surface, load_surface
+from .surface import Surface, landscape_summary, load_surface, summarize_draws
 from .train import TrainConfig, train
 
 __version__ = "0.1.0"
@@ -48,6 +48,8 @@ __all__ = [
     "landscape",
     "landscape_for_checkpoint",
     "load_surface",
+    "landscape_summary",
+    "summarize_draws",
     "random_direction",
     "surface_1d",
     "surface_2d",

@@ -221,6 +221,55 @@ def make_source(
     )
 
 
+def split_parts(data: Any, parts: int, seed: int = 0) -> list[Any]:
+    """``parts`` disjoint parts of ``data`` (any form :func:`make_source` takes), each in
+    the same form, for the sampling error of a measurement: tensors (a pair, a dict) are
+    cut into equal blocks of one permutation of their examples drawn from ``seed`` (the
+    remainder left out); a list of batches into equal blocks of a permutation of its
+    batches; streamed data (a DataLoader) deals its batches out, batch i to part
+    i mod ``parts``, each part streamed on its own passes."""
+    if not isinstance(parts, int) or parts < 2:
+        raise SharpscopeError(f"parts must be a whole number >= 2, got {parts!r}")
+    g = torch.Generator().manual_seed(seed)
+    if _is_tensor_pair(data) or _is_tensor_dict(data):
+        n = make_source(data, 2**31, count_examples).examples  # the tensors agree in length
+        blocks = _blocks(n, parts, g, "examples")
+        if isinstance(data, tuple):
+            return [tuple(t[b.to(t.device)] for t in data) for b in blocks]
+        return [{k: v[b.to(v.device)] for k, v in data.items()} for b in blocks]
+    if isinstance(data, Sequence) and not isinstance(data, str | bytes):
+        batches = list(data)
+        blocks = _blocks(len(batches), parts, g, "batches")
+        return [[batches[i] for i in b.tolist()] for b in blocks]
+    if isinstance(data, Iterable) and iter(data) is not data:
+        _refuse_random_order(data)
+        return [_Dealt(data, part, parts) for part in range(parts)]
+    make_source(data, 1, count_examples)  # says what is wrong with the data
+    raise SharpscopeError("data cannot be split into parts")
+
+
+def _blocks(n: int, parts: int, g: torch.Generator, what: str) -> list[torch.Tensor]:
+    size = n // parts
+    if size == 0:
+        raise SharpscopeError(f"{n} {what} cannot be split into {parts} disjoint parts")
+    perm = torch.randperm(n, generator=g)
+    return [perm[i * size : (i + 1) * size].sort().values for i in range(parts)]
+
+
+class _Dealt:
+    """Part ``part`` of ``parts`` of a re-iterable: its batches ``part``, ``part + parts``,
+    ... on every pass."""
+
+    def __init__(self, data: Iterable, part: int, parts: int):
+        self.data, self.part, self.parts = data, part, parts
+
+    def __iter__(self) -> Iterator[Any]:
+        return itertools.islice(iter(self.data), self.part, None, self.parts)
+
+    def __len__(self) -> int:
+        return len(range(self.part, len(self.data), self.parts))  # type: ignore[arg-type]
+
+
 def _sliced(data: Any, batch_size: int, examples_in: ExamplesIn, rank: int, world: int) -> Source:
     tensors = list(data) if isinstance(data, tuple) else list(data.values())
     lengths = {int(t.shape[0]) if t.dim() else -1 for t in tensors}

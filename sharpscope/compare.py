@@ -49,7 +49,7 @@ from .report import (
     write_report,
 )
 from .settings import CompareSettings, Loading, settings_from, split_keywords
-from .surface import Surface
+from .surface import Surface, landscape_summary, summarize_draws
 
 # Every file compare writes into its folder.
 OUTPUTS = (
@@ -157,13 +157,16 @@ def _group(paths: str | os.PathLike | Sequence[str], side: str) -> list[str]:
 
 
 def _statistics(groups, measured, curves, run: dict[str, Any], say, seconds) -> dict[str, Any]:
-    """Every checkpoint's numbers (its measure document; the mean rise of its 1-D curves
-    over ``draws`` direction draws), their statistics by group, and each group's mean
-    1-D curve with its standard error over checkpoints and draws."""
+    """Every checkpoint's numbers (its measure document; the mean and maximum rise of its
+    1-D curves and coarse 2-D surfaces over ``draws`` direction draws, averaged over the
+    draws), their statistics by group, each checkpoint's landscape numbers with their
+    standard error over the draws, and each group's mean 1-D curve with its standard
+    error over checkpoints and draws."""
     s: CompareSettings = run["settings"]
     start = time.perf_counter()
     numbers: list[list[dict[str, float]]] = [[], []]
     documents: list[list[dict[str, Any]]] = [[], []]
+    over_draws: list[list[dict[str, Any]]] = [[], []]
     bands = []
     for side, group in enumerate(groups):
         losses = []
@@ -176,16 +179,16 @@ def _statistics(groups, measured, curves, run: dict[str, Any], say, seconds) -> 
                 documents[side].append(doc)
             row = document_numbers(doc) if doc is not None else {}
             row.update(_training_numbers(path, run.get("training")))
-            draws = []
-            for draw in range(s.draws):
-                if index == 0 and draw == 0:
-                    draws.append(curves[side])  # the picture's curve: draw 0 of the first
-                    continue
-                say(f"1-D landscape of {path}, direction draw {draw}")
-                draws.append(_landscape(path, run, dim=1, points=s.points, draw=draw))
-            rises = [landscape_summary(c)["mean_rise"] for c in draws]
-            row[f"1-D mean rise ({s.draws} draw{'s' * (s.draws > 1)})"] = float(np.mean(rises))
-            losses += [np.asarray(c.loss, dtype=float) for c in draws]
+            # The picture's curve is draw 0 of the first checkpoint.
+            drawn = _draws(path, run, say, dim=1, first=curves[side] if index == 0 else None)
+            summaries = {"1-D": summarize_draws(drawn)}
+            losses += [np.asarray(c.loss, dtype=float) for c in drawn]
+            if s.draw_points_2d:
+                summaries["2-D"] = summarize_draws(_draws(path, run, say, dim=2))
+            for dim, summary in summaries.items():
+                for name, label in (("mean_rise", "mean rise"), ("max_rise", "max rise")):
+                    row[f"{dim} {label} ({_draws_text(s.draws)})"] = summary[name]["mean"]
+            over_draws[side].append({"checkpoint": path, **summaries})
             numbers[side].append(row)
         stacked = np.stack(losses)
         stderr = stacked.std(axis=0, ddof=1) / math.sqrt(len(stacked)) if len(stacked) > 1 else None
@@ -201,9 +204,29 @@ def _statistics(groups, measured, curves, run: dict[str, Any], say, seconds) -> 
     return {
         "numbers": {"a": numbers[0], "b": numbers[1]},
         "statistics": group_statistics(numbers[0], numbers[1]),
+        "landscape_draws": {"a": over_draws[0], "b": over_draws[1]},
         "bands": bands,
         "documents": documents,
     }
+
+
+def _draws_text(draws: int) -> str:
+    return f"{draws} draw{'s' * (draws > 1)}"
+
+
+def _draws(path: str, run: dict[str, Any], say, dim: int, first: Surface | None = None):
+    """The ``draws`` landscapes of checkpoint ``path``: 1-D curves of ``points`` points, or
+    2-D surfaces of ``draw_points_2d`` per axis; ``first`` stands for draw 0 if given."""
+    s: CompareSettings = run["settings"]
+    points = s.points if dim == 1 else s.draw_points_2d
+    surfaces = []
+    for draw in range(s.draws):
+        if draw == 0 and first is not None:
+            surfaces.append(first)
+            continue
+        say(f"{dim}-D landscape of {path}, direction draw {draw}")
+        surfaces.append(_landscape(path, run, dim=dim, points=points, draw=draw))
+    return surfaces
 
 
 def _training_numbers(path: str, training: dict[str, Any] | None) -> dict[str, float]:
@@ -455,26 +478,6 @@ def interpolation_barrier(surface: Surface) -> dict[str, float]:
     excess = loss[inside] - ((1 - t[inside]) * l0 + t[inside] * l1)
     i = int(np.argmax(excess))
     return {"value": float(max(excess[i], 0.0)), "t": float(t[inside][i])}
-
-
-def landscape_summary(surface: Surface) -> dict[str, float]:
-    """Plain numbers from a 1-D or 2-D surface: L at the centre (a = b = 0), the mean
-    and the maximum of L over the plotted range, and the mean rise above the centre
-    (a Monte Carlo-free average-case sharpness over the drawn directions' box)."""
-    loss = np.asarray(surface.loss, dtype=float)
-    centre_index = (
-        (int(np.argmin(np.abs(surface.coords_b))), int(np.argmin(np.abs(surface.coords_a))))
-        if surface.kind == "2d"
-        else (int(np.argmin(np.abs(surface.coords_a))),)
-    )
-    centre = float(loss[centre_index])
-    finite = loss[np.isfinite(loss)]
-    return {
-        "centre_loss": centre,
-        "mean_loss": float(finite.mean()),
-        "max_loss": float(finite.max()),
-        "mean_rise": float(finite.mean() - centre),
-    }
 
 
 def _curve_dict(surface: Surface) -> dict[str, Any]:

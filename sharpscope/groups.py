@@ -73,7 +73,7 @@ def format_statistics(table: dict[str, dict[str, Any]], labels: tuple[str, str])
     head = f"| quantity | {labels[0]} | {labels[1]} | {labels[1]} − {labels[0]} [95% CI] | p |"
     lines = [head, "| --- | --- | --- | --- | --- |"]
     for name, row in table.items():
-        cells = [_mean_se(row["a"]), _mean_se(row["b"])]
+        cells = [mean_se(row["a"]), mean_se(row["b"])]
         d = row["difference"]
         if d is None:
             cells += ["-", "-"]
@@ -86,10 +86,12 @@ def format_statistics(table: dict[str, dict[str, Any]], labels: tuple[str, str])
     return lines
 
 
-def _mean_se(s: dict[str, Any]) -> str:
+def mean_se(s: dict[str, Any], with_n: bool = True) -> str:
+    """A summary dict (:func:`~sharpscope.stats.summary`) as "mean ± s.e. (n=N)"."""
+    n = f" (n={s['n']})" if with_n else ""
     if s["stderr"] is None:
-        return f"{s['mean']:.4g} (n=1)"
-    return f"{s['mean']:.4g} ± {s['stderr']:.2g} (n={s['n']})"
+        return f"{s['mean']:.4g}{n}"
+    return f"{s['mean']:.4g} ± {s['stderr']:.2g}{n}"
 
 
 def generalization_gap(doc: dict[str, Any]) -> tuple[str, float] | None:

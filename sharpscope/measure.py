@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch import nn
 
+from .batches import split_parts
 from .checkpoint import checkpoint_loss, load_model_and_data
 from .data import Dataset
 from .errors import SharpscopeError
@@ -46,9 +47,7 @@ def _objectives(
     if not isinstance(dataset, Dataset):
         other = "test" if s.split == "train" else "train"
         given = {s.split: dataset, other: test_data}
-        forms = dict(forms or {})
-        if forms.get("loss_fn") is None and forms.get("batch_loss") is None:
-            forms["loss_fn"] = get_loss(loss or "ce")
+        forms = _with_loss(forms or {}, loss)
         return {
             name: _objective(model, data, s, device, **forms)
             for name, data in given.items()
@@ -61,6 +60,15 @@ def _objectives(
         )
         for name in ("train", "test")
     }
+
+
+def _with_loss(forms: dict[str, Any], loss: str | None) -> dict[str, Any]:
+    """The Objective's loss keywords for data given as is: the named ``loss`` (default
+    cross-entropy) unless a ``loss_fn`` or ``batch_loss`` is given."""
+    forms = dict(forms)
+    if forms.get("loss_fn") is None and forms.get("batch_loss") is None:
+        forms["loss_fn"] = get_loss(loss or "ce")
+    return forms
 
 
 def _objective(model: nn.Module, data: Any, s: MeasureSettings, device, **forms) -> Objective:
@@ -152,6 +160,9 @@ def measure(
             raise SharpscopeError("give loss (a name), loss_fn or batch_loss: one of them")
         get_loss(loss)  # an unknown loss name, before any work
     forms = {"loss_fn": loss_fn, "batch_loss": batch_loss, "examples_in": examples_in}
+    parts = None
+    if s.subsets > 1 and not isinstance(dataset, Dataset):  # refused before any work
+        parts = split_parts(dataset, s.subsets, seed=s.seed)
     objectives = _objectives(
         model, dataset, s, loss=loss, device=device, forms=forms, test_data=test_data
     )
@@ -182,9 +193,14 @@ def measure(
         doc["average_sharpness"] = _average_sharpness(obj, s, progress)
     doc["hessian"] = _hessian(obj, s, progress)
     if s.subsets > 1:
-        if not isinstance(dataset, Dataset):
-            raise SharpscopeError("subsets need a data set to draw examples from (a Dataset)")
-        doc["sampling"] = _sampling(model, dataset, s, loss, device)
+        if parts is None:
+            sets = dataset.example_subsets(s.split, s.samples, s.subsets, seed=s.seed)
+            loss_fn = get_loss(loss or "ce")
+            each = (_examples_objective(model, examples, loss_fn, s, device) for examples in sets)
+        else:
+            given = _with_loss(forms, loss)
+            each = (_objective(model, part, s, device, **given) for part in parts)
+        doc["sampling"] = _sampling(each, s)
     return json_safe(doc)
 
 
@@ -194,22 +210,23 @@ def measure(
 LARGE_SAMPLING_ERROR = 0.1
 
 
-def _sampling(model, dataset, s: MeasureSettings, loss, device) -> dict[str, Any]:
-    """The sharpness at the first rho and the top eigenvalue on ``s.subsets`` disjoint
-    sets of ``s.samples`` examples of ``s.split``: every value, their mean ± standard
-    error, and a note where the error is large against the value."""
+def _sampling(objectives: Iterable[Objective], s: MeasureSettings) -> dict[str, Any]:
+    """The sharpness at the first rho and the top eigenvalue on each of ``s.subsets``
+    disjoint example sets (``objectives``): every value, their mean ± standard error, and
+    a note where the error is large against the value."""
     from .stats import summary
 
-    loss_fn = get_loss(loss or "ce")
     values: dict[str, list[float]] = {"sharpness": [], "top_eigenvalue": []}
-    for examples in dataset.example_subsets(s.split, s.samples, s.subsets, seed=s.seed):
-        obj = _examples_objective(model, examples, loss_fn, s, device)
+    sizes = []
+    for obj in objectives:
+        sizes.append(obj.n_examples)
         if s.rhos:
             values["sharpness"].append(_apgd(obj, s, s.rhos[0], False).value)
         if s.eigs:
             top = hessian_eigenvalues(obj, k=1, method=s.eig_method, tol=s.eig_tol, seed=s.seed)
             values["top_eigenvalue"].append(top.eigenvalues[0])
-    report: dict[str, Any] = {"subsets": s.subsets, "samples": s.samples, "split": s.split}
+    samples = sizes[0] if len(set(sizes)) == 1 else sizes
+    report: dict[str, Any] = {"subsets": s.subsets, "samples": samples, "split": s.split}
     if s.rhos:
         report["rho"] = s.rhos[0]
     notes = []
@@ -220,7 +237,7 @@ def _sampling(model, dataset, s: MeasureSettings, loss, device) -> dict[str, Any
         report[name] = {"values": vals, **stat.to_dict()}
         if stat.stderr is not None and stat.stderr > LARGE_SAMPLING_ERROR * abs(stat.mean):
             notes.append(
-                f"the {name.replace('_', ' ')} varies between sets of {s.samples} examples "
+                f"the {name.replace('_', ' ')} varies between sets of {min(sizes)} examples "
                 f"by {stat.stderr / abs(stat.mean):.0%} of its value (s.e. over {s.subsets} "
                 "sets): measure on more examples before comparing models"
             )

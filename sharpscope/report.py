@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from .files import write_text
-from .groups import format_statistics
+from .groups import format_statistics, mean_se
 from .measure import format_table
 from .plots import plot_1d, plot_2d, shared_color_scale
 from .surface import Surface
@@ -147,22 +147,72 @@ def write_report(
 
 
 def _statistics(doc: dict[str, Any], labels: tuple[str, str]) -> list[str]:
-    groups, draws = doc["groups"], doc["settings"]["draws"]
+    groups, s = doc["groups"], doc["settings"]
+    planes = (
+        f" and {s['draw_points_2d']} x {s['draw_points_2d']} 2-D surfaces"
+        if s["draw_points_2d"]
+        else ""
+    )
     return [
         "## Statistics over seeds and direction draws",
         "",
         f"{labels[0]}: {len(groups['a'])} checkpoint(s), {labels[1]}: {len(groups['b'])}; "
-        f"1-D curves along {draws} direction draw(s) each. Every number is the group's mean ± "
+        f"1-D curves{planes} along {s['draws']} direction draw(s) each, their rises "
+        "averaged over the draws. Every number is the group's mean ± "
         "standard error over its checkpoints (n); the difference is Welch's two-sample test "
         "(no equal-variance assumption) with its 95% interval. A difference whose interval "
         "contains 0 is not established by these runs.",
         "",
         *format_statistics(doc["statistics"], labels),
         "",
+        *_multiple_tests(doc["statistics"]),
+        *_draws_table(doc, labels),
         f"![mean 1-D curves]({BAND_FIGURE}.png)",
         "",
         *_seed_figures(doc, labels),
     ]
+
+
+def _multiple_tests(table: dict[str, dict[str, Any]]) -> list[str]:
+    """A reminder of how many tests the table holds: with m of them, about m / 20 show
+    p < 0.05 by chance alone; Bonferroni's bound 0.05 / m (Holm's first step) holds the
+    chance of any false finding to 5%."""
+    tested = [row["difference"]["p"] for row in table.values() if row["difference"]]
+    if len(tested) < 2:
+        return []
+    m, below = len(tested), sum(p < 0.05 for p in tested)
+    return [
+        f"The table holds {m} tests, {below} with p < 0.05; by chance alone about "
+        f"{0.05 * m:.2g} would be, and many rows measure related things. Holding the chance "
+        f"of any false finding to 5% (Bonferroni, Holm's first step) needs p < "
+        f"{0.05 / m:.3g}; {sum(p < 0.05 / m for p in tested)} of the {m} reach it.",
+        "",
+    ]
+
+
+def _draws_table(doc: dict[str, Any], labels: tuple[str, str]) -> list[str]:
+    """Each checkpoint's landscape rises as mean ± standard error over its direction
+    draws: how much one picture's flatness depends on the directions drawn."""
+    if doc["settings"]["draws"] < 2:
+        return []
+    dims = [d for d in ("1-D", "2-D") if d in doc["landscape_draws"]["a"][0]]
+    head = " | ".join(f"{d} {what}" for d in dims for what in ("mean rise", "max rise"))
+    lines = [
+        f"Over the {doc['settings']['draws']} direction draws of each checkpoint "
+        "(mean ± standard error over the draws):",
+        "",
+        f"| checkpoint | {head} |",
+        "| --- |" + " ---: |" * (2 * len(dims)),
+    ]
+    for side, label in zip(("a", "b"), labels, strict=True):
+        for entry in doc["landscape_draws"][side]:
+            cells = [
+                mean_se(entry[d][name], with_n=False)
+                for d in dims
+                for name in ("mean_rise", "max_rise")
+            ]
+            lines.append(f"| {label}: `{entry['checkpoint']}` | " + " | ".join(cells) + " |")
+    return [*lines, ""]
 
 
 _SEED_FIGURE_TEXT = {

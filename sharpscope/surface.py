@@ -14,6 +14,7 @@ import hashlib
 import json
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +23,7 @@ import torch
 
 from .errors import SharpscopeError, first_line
 from .files import atomic_write, npz_headers
+from .stats import summary
 
 KINDS = ("1d", "2d", "interpolation")
 
@@ -31,6 +33,11 @@ LAYOUT_2D = "rows = d2 (coords_b), columns = d1 (coords_a)"
 
 # Settings that may differ between an interrupted run and the one that resumes it.
 _RESUME_IGNORED = ("label", "labels", "evaluation", "processes", "distribute")
+
+
+class PartialMismatch(SharpscopeError):
+    """A partial file to resume from was computed with other settings, weights or
+    directions than the run that would continue it."""
 
 
 @dataclass
@@ -98,6 +105,75 @@ class Surface:
         ``coords_a``, ``coords_b`` (2-D), ``loss``, ``accuracy``, ``settings`` (JSON, a
         0-d string array), ``seed``, and ``trajectory``, ``d1``, ``d2`` when present."""
         _write_npz(path, self._arrays())
+
+
+def landscape_summary(surface: Surface) -> dict[str, float]:
+    """Plain numbers from a 1-D or 2-D surface: L at the centre (a = b = 0), the mean
+    and the maximum of L over the plotted range, the mean rise above the centre (an
+    average-case sharpness over the drawn directions' box, without Monte Carlo) and the
+    maximum rise (the worst point of the box).
+
+    The mean is the average over the range by the trapezoidal rule (end points weighted
+    by half, on each axis), so a coarse grid and a fine one estimate the same average: a
+    plain mean of the points overweights the edges, where the loss is highest, the more
+    the coarser the grid. Points not computed (NaN) are left out."""
+    loss = np.asarray(surface.loss, dtype=float)
+    weights = _trapezoid_weights(surface.coords_a)
+    if surface.kind == "2d":
+        centre_index = (
+            int(np.argmin(np.abs(surface.coords_b))),
+            int(np.argmin(np.abs(surface.coords_a))),
+        )
+        weights = np.outer(_trapezoid_weights(surface.coords_b), weights)
+    else:
+        centre_index = (int(np.argmin(np.abs(surface.coords_a))),)
+    centre = float(loss[centre_index])
+    finite = np.isfinite(loss)
+    mean = float((weights[finite] * loss[finite]).sum() / weights[finite].sum())
+    top = float(loss[finite].max())
+    return {
+        "centre_loss": centre,
+        "mean_loss": mean,
+        "max_loss": top,
+        "mean_rise": mean - centre,
+        "max_rise": top - centre,
+    }
+
+
+def _trapezoid_weights(coords: Any) -> np.ndarray:
+    """The trapezoidal rule's weight of each point of a sorted 1-D grid (half the
+    distance between its neighbours; one point alone weighs 1)."""
+    x = np.asarray(coords, dtype=float)
+    if x.size < 2:
+        return np.ones(x.size)
+    gaps = np.diff(x)
+    return np.concatenate([[gaps[0]], gaps[:-1] + gaps[1:], [gaps[-1]]]) / 2
+
+
+# The numbers of a landscape that vary with its directions, summarized over draws.
+DRAW_SUMMARIES = ("mean_rise", "max_rise")
+
+
+def summarize_draws(surfaces: Sequence[Surface]) -> dict[str, Any]:
+    """The mean rise and the maximum rise of surfaces that differ only in their direction
+    draw (``draw`` 0, 1, ... of one seed, same grid and examples): for each, every draw's
+    value and their mean ± standard error over the draws (:func:`~sharpscope.stats.summary`;
+    no standard error from one draw). The spread says how much one picture's flatness
+    owes to its directions."""
+    if not surfaces:
+        raise SharpscopeError("no surfaces to summarize")
+    kinds = {s.kind for s in surfaces}
+    if len(kinds) != 1 or kinds & {"interpolation"}:
+        raise SharpscopeError("summarize_draws takes 1-D or 2-D surfaces of one kind")
+    shapes = {np.shape(s.loss) for s in surfaces}
+    if len(shapes) != 1:
+        raise SharpscopeError("the surfaces of the draws must share one grid")
+    rows = [landscape_summary(s) for s in surfaces]
+    result: dict[str, Any] = {"kind": surfaces[0].kind, "draws": len(surfaces)}
+    for name in DRAW_SUMMARIES:
+        values = [r[name] for r in rows]
+        result[name] = {"values": values, **summary(values).to_dict()}
+    return result
 
 
 def _none_for_nan(v: float) -> float | None:
@@ -289,7 +365,7 @@ def _load_partial(path: str, surface: Surface) -> tuple[np.ndarray, np.ndarray, 
         or done.shape != surface.loss.shape
     ):
         what = ", ".join(differ) or "coordinates"
-        raise SharpscopeError(
+        raise PartialMismatch(
             f"{path}: a partial landscape computed with other settings ({what}); "
             "delete it to start over"
         )

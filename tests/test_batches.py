@@ -11,6 +11,7 @@ from sharpscope.batches import (
     join_batches,
     make_source,
     slice_batch,
+    split_parts,
     to_device,
 )
 from sharpscope.errors import SharpscopeError
@@ -84,3 +85,40 @@ def test_shards_of_held_data_cover_every_example_once(world):
         assert all(len(b[1]) <= 4 for b in batches)
         seen += [int(v) for b in batches for v in b[1]]
     assert seen == list(range(11))
+
+
+def test_parts_of_tensors_lists_and_loaders_are_disjoint_and_cover_what_they_take():
+    """split_parts: tensors cut into equal blocks of one seeded permutation (the
+    remainder left out), a list of batches into blocks of its batches, a DataLoader dealt
+    out batch by batch; parts of one form stay in that form and never share an example."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    x = torch.arange(11.0).reshape(11, 1)
+    y = torch.arange(11)
+    parts = split_parts((x, y), 3, seed=4)
+    assert [len(p[1]) for p in parts] == [3, 3, 3]
+    seen = [set(p[1].tolist()) for p in parts]
+    assert not (seen[0] & seen[1] or seen[0] & seen[2] or seen[1] & seen[2])
+    assert all(torch.equal(p[0].reshape(-1), p[1].float()) for p in parts)  # rows kept paired
+    assert [p[1].tolist() for p in split_parts((x, y), 3, seed=4)] == [sorted(s) for s in seen]
+    as_dict = split_parts({"x": x, "y": y}, 3, seed=4)
+    assert [d["y"].tolist() for d in as_dict] == [p[1].tolist() for p in parts]
+    batches = [(x[i : i + 2], y[i : i + 2]) for i in range(0, 10, 2)]  # 5 batches
+    held = split_parts(batches, 2, seed=0)
+    assert [len(p) for p in held] == [2, 2]
+    ids = [id(b) for p in held for b in p]
+    assert len(set(ids)) == 4 and set(ids) <= {id(b) for b in batches}
+    loader = DataLoader(TensorDataset(x, y), batch_size=2)
+    dealt = split_parts(loader, 2)
+    assert [len(p) for p in dealt] == [3, 3]
+    assert [b[1].tolist() for b in dealt[0]] == [[0, 1], [4, 5], [8, 9]]
+    assert [b[1].tolist() for b in dealt[1]] == [[2, 3], [6, 7], [10]]
+    assert [b[1].tolist() for b in dealt[1]] == [[2, 3], [6, 7], [10]]  # on every pass
+    for bad, message in [
+        ((x, y[:5]), "differ in their number of examples"),
+        ((x[:2], y[:2]), "cannot be split into 3"),
+        (iter(batches), "iterator"),
+        (DataLoader(TensorDataset(x, y), batch_size=2, shuffle=True), "at random"),
+    ]:
+        with pytest.raises(SharpscopeError, match=message):
+            split_parts(bad, 3)

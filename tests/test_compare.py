@@ -117,15 +117,27 @@ def test_interpolation_barrier_of_a_known_curve():
 
 
 def test_landscape_summary_of_a_known_surface():
-    a, b = np.array([-1.0, 0.0, 1.0]), np.array([-1.0, 0.0, 1.0])
-    loss = 1.0 + a[None, :] ** 2 + 2 * b[:, None] ** 2  # centre 1, mean 1 + 2/3 + 4/3
-    loss[0, 0] = np.nan  # an unfinished point is left out of the mean and max
-    summary = compare.landscape_summary(Surface("2d", a, b, loss, loss, {}))
-    finite = loss[np.isfinite(loss)]
-    assert summary["centre_loss"] == 1.0
-    assert summary["mean_loss"] == pytest.approx(finite.mean())
+    """L = 1 + |a| + 2|b| on [-1, 1]^2: the trapezoidal rule is exact for it on a grid
+    holding the kinks, so the mean over the box is its integral average 1 + 1/2 + 1 on a
+    coarse grid and a fine one alike; the maximum 4 is at the corners."""
+    for n in (3, 5, 21):
+        a = np.linspace(-1, 1, n)
+        loss = 1.0 + np.abs(a)[None, :] + 2 * np.abs(a)[:, None]
+        summary = compare.landscape_summary(Surface("2d", a, a, loss, loss, {}))
+        assert summary["centre_loss"] == 1.0
+        assert summary["mean_loss"] == pytest.approx(2.5, rel=1e-12)
+        assert summary["mean_rise"] == pytest.approx(1.5, rel=1e-12)
+        assert summary["max_loss"] == 4.0 and summary["max_rise"] == 3.0
+    curve = compare.landscape_summary(Surface("1d", a, None, np.abs(a), a, {}))
+    assert curve["mean_rise"] == pytest.approx(0.5, rel=1e-12) and curve["max_rise"] == 1.0
+    # An unfinished point (NaN) is left out of the mean and the maximum.
+    loss[0, 0] = np.nan
+    weights = np.outer(*(2 * [np.r_[0.5, np.ones(19), 0.5]]))
+    finite = np.isfinite(loss)
+    expected = (weights[finite] * loss[finite]).sum() / weights[finite].sum()
+    summary = compare.landscape_summary(Surface("2d", a, a, loss, loss, {}))
+    assert summary["mean_loss"] == pytest.approx(expected, rel=1e-12)
     assert summary["max_loss"] == 4.0
-    assert summary["mean_rise"] == pytest.approx(finite.mean() - 1.0)
 
 
 def test_results_json_is_standard_json():
@@ -283,7 +295,8 @@ def test_groups_report_every_number_with_its_spread_and_the_difference(tmp_path)
     a = [tiny_checkpoint(tmp_path / f"a{i}.pt", i) for i in range(2)]
     b = [tiny_checkpoint(tmp_path / f"b{i}.pt", 10 + i, width=3) for i in range(2)]
     out = tmp_path / "groups"
-    doc = compare.compare_checkpoints(a, b, str(out), labels=("SGD", "SAM"), draws=2, **SMALL)
+    settings = {**SMALL, "draws": 2, "draw_points_2d": 3}
+    doc = compare.compare_checkpoints(a, b, str(out), labels=("SGD", "SAM"), **settings)
     assert doc["groups"] == {"a": a, "b": b}
     stats = doc["statistics"]
     single = measure_checkpoint(b[1], samples=64, trace_samples=4)
@@ -301,10 +314,38 @@ def test_groups_report_every_number_with_its_spread_and_the_difference(tmp_path)
     expected = np.mean([compare.landscape_summary(c)["mean_rise"] for c in curves])
     assert doc["numbers"]["a"][1][rise] == pytest.approx(expected, rel=1e-12)
     assert doc["bands"][0]["curves"] == 4  # 2 checkpoints x 2 draws
+    # 2-D: coarse planes of every draw, the mean and max rise averaged over the draws, and
+    # each checkpoint's spread over its draws.
+    planes = [landscape_for_checkpoint(b[0], dim=2, points=3, samples=64, draw=d) for d in range(2)]
+    rises = [compare.landscape_summary(p) for p in planes]
+    for key, label in (("mean_rise", "mean rise"), ("max_rise", "max rise")):
+        name = f"2-D {label} (2 draws)"
+        expected = np.mean([r[key] for r in rises])
+        assert doc["numbers"]["b"][0][name] == pytest.approx(expected, rel=1e-12)
+        assert stats[name]["b"]["mean"] == pytest.approx(
+            np.mean([n[name] for n in doc["numbers"]["b"]]), rel=1e-12
+        )
+    over_draws = doc["landscape_draws"]["b"][0]
+    assert over_draws["checkpoint"] == b[0]
+    assert over_draws["2-D"]["max_rise"]["values"] == pytest.approx([r["max_rise"] for r in rises])
+    spread = np.std([r["mean_rise"] for r in rises], ddof=1) / math.sqrt(2)
+    assert over_draws["2-D"]["mean_rise"]["stderr"] == pytest.approx(spread, rel=1e-9)
     text = (out / "report.md").read_text()
     assert "## Statistics over seeds and direction draws" in text and "| top eigenvalue |" in text
+    assert f"| SAM: `{b[0]}` | " in text  # a row of each checkpoint's spread over draws
     assert {"1d_band.pdf", "1d_band.png"} <= set(os.listdir(out))
     assert json.loads((out / "results.json").read_text())["statistics"].keys() == stats.keys()
+
+
+def test_report_says_how_many_tests_its_table_holds():
+    """Four tested rows (one untested) with p = 0.001, 0.02, 0.3, 0.9: two below 0.05,
+    0.2 expected by chance, Bonferroni's 0.0125 reached by one."""
+    rows = {f"q{i}": {"difference": {"p": p}} for i, p in enumerate((0.001, 0.02, 0.3, 0.9))}
+    rows["untested"] = {"difference": None}
+    (line, blank) = report._multiple_tests(rows)
+    assert line.startswith("The table holds 4 tests, 2 with p < 0.05; by chance alone about 0.2")
+    assert "needs p < 0.0125; 1 of the 4 reach it." in line and blank == ""
+    assert report._multiple_tests({"q": {"difference": {"p": 0.01}}}) == []
 
 
 def test_groups_on_the_command_line(tmp_path, capsys):

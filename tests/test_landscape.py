@@ -49,7 +49,7 @@ from sharpscope.losses import mse
 from sharpscope.models import build_model, model_spec
 from sharpscope.objective import Objective
 from sharpscope.settings import INTERPOLATION_POINTS
-from sharpscope.surface import Surface, load_surface
+from sharpscope.surface import Surface, load_surface, summarize_draws
 from sharpscope.train import TrainConfig, train
 
 FAST = ["--samples", "32", "--quiet"]
@@ -676,6 +676,8 @@ def test_cli_pca_draws_the_trajectory_on_its_plane(tmp_path):
         (["--trajectory", "run"], "directions 'pca' only"),
         (["--orthogonalize"], "2-D landscapes"),
         (["--samples", "0"], "positive"),
+        (["--draws", "0"], "--draws must be in 1.."),
+        (["--draws", "2", "--directions", "hessian"], "random directions"),
     ],
 )
 def test_cli_refuses_bad_options(tmp_path, capsys, extra, message):
@@ -724,6 +726,64 @@ def test_cli_interrupt_keeps_a_partial_file_and_resume_finishes_it(tmp_path, mon
     assert main([*argv, "--out", str(out), "--resume"]) == 0
     assert calls["n"] == 25 - 12 and not partial.exists()
     np.testing.assert_array_equal(load_surface(out).loss, load_surface(full).loss)
+
+
+def test_summarize_draws_of_known_surfaces():
+    """Three 2-D surfaces whose rises are known: each draw's mean and max rise, their mean
+    and standard error over the draws; surfaces of other kinds or grids are refused."""
+    a = np.array([-1.0, 0.0, 1.0])
+    cone = np.abs(a)[None, :] + np.abs(a)[:, None]  # centre 0, mean over the box 1, max 2
+    surfaces = [Surface("2d", a, a, 1.0 + k * cone, cone, {}) for k in (1, 2, 3)]
+    result = summarize_draws(surfaces)
+    assert result["kind"] == "2d" and result["draws"] == 3
+    assert result["mean_rise"]["values"] == pytest.approx([1.0, 2.0, 3.0])
+    assert result["max_rise"]["values"] == pytest.approx([2.0, 4.0, 6.0])
+    assert result["max_rise"]["mean"] == pytest.approx(4.0)
+    assert result["max_rise"]["stderr"] == pytest.approx(2.0 / np.sqrt(3))
+    assert summarize_draws(surfaces[:1])["mean_rise"]["stderr"] is None  # one draw: no spread
+    curve = Surface("1d", a, None, a**2, a, {})
+    wide = Surface("2d", np.linspace(-1, 1, 5), a, np.zeros((3, 5)), np.zeros((3, 5)), {})
+    for bad in ([], [surfaces[0], curve], [surfaces[0], wide]):
+        with pytest.raises(SharpscopeError):
+            summarize_draws(bad)
+
+
+def test_cli_draws_write_one_surface_per_draw_and_their_spread(tmp_path, monkeypatch, capsys):
+    """--draws 3: OUT is draw 0 (the picture), OUT.draw1/2.npz the others, each the API's
+    surface of that draw; the printed spread is that of the files. An interrupted draw
+    resumes without recomputing the finished ones; a file of other settings is refused
+    and kept."""
+    c = tmp_path / "c.pt"
+    save(c, width=4)
+    argv = ["landscape", str(c), "--dim", "2", "--points", "3", "--draws", "3", *FAST]
+    out = tmp_path / "l.npz"
+    assert main([*argv, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    paths = [out, tmp_path / "l.draw1.npz", tmp_path / "l.draw2.npz"]
+    surfaces = [load_surface(p) for p in paths]
+    for k, surface in enumerate(surfaces):
+        expected = landscape_for_checkpoint(str(c), dim=2, points=3, samples=32, draw=k)
+        assert surface.settings["draw"] == k
+        np.testing.assert_array_equal(surface.loss, expected.loss)
+    assert not np.array_equal(surfaces[0].loss, surfaces[1].loss)
+    spread = summarize_draws(surfaces)
+    assert f"mean loss rise {spread['mean_rise']['mean']:.4g} ± " in printed
+    assert f"max loss rise {spread['max_rise']['mean']:.4g} ± " in printed
+    # Interrupted in draw 2 (21 of 27 points done: 3 of draw 2's 9), then resumed: the
+    # 6 points left are computed, none of the finished draws 0 and 1.
+    again = tmp_path / "again.npz"
+    counting(monkeypatch, stop_after=21)
+    assert main([*argv, "--out", str(again)]) == 130
+    capsys.readouterr()
+    calls = counting(monkeypatch)
+    assert main([*argv, "--out", str(again), "--resume"]) == 0
+    assert calls["n"] == 9 - 3
+    assert load_surface(tmp_path / "again.draw2.npz").loss.tolist() == surfaces[2].loss.tolist()
+    # --resume over files of another landscape: refused, nothing replaced.
+    before = out.read_bytes()
+    assert main([*argv, "--out", str(out), "--resume", "--seed", "1"]) == 2
+    assert "holds another landscape" in capsys.readouterr().err
+    assert out.read_bytes() == before and not (tmp_path / "l.partial.npz").exists()
 
 
 @pytest.mark.slow

@@ -291,6 +291,38 @@ def test_sampling_error_over_disjoint_sets_of_examples(checkpoint, capsys, monke
         measure_checkpoint(path, samples=1000, subsets=3)
 
 
+def test_sampling_error_of_data_given_as_tensors_or_a_loader(checkpoint):
+    """The API with the user's own data: subsets=K measures the sharpness and the top
+    eigenvalue on K disjoint parts of it (split_parts), each what the analyzers give on
+    that part, for tensors and for a DataLoader alike; bad parts are refused before any
+    work."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from sharpscope.batches import split_parts
+
+    _, model = checkpoint
+    x, y = load_dataset("digits").examples("train", 96, seed=0)
+    options = {"steps": 2, "trace": False, "seed": 1}
+    doc = measure(model, (x, y), subsets=3, **options)
+    parts = split_parts((x, y), 3, seed=1)
+    eigen = [hessian_eigenvalues(model, p, k=1, seed=1).eigenvalues[0] for p in parts]
+    rises = [sharpness(model, p, 0.05, steps=2, seed=1).value for p in parts]
+    assert doc["sampling"]["samples"] == 32 and doc["sampling"]["subsets"] == 3
+    assert doc["sampling"]["top_eigenvalue"]["values"] == pytest.approx(eigen, rel=1e-5)
+    assert doc["sampling"]["sharpness"]["values"] == pytest.approx(rises, rel=1e-5)
+    loader = DataLoader(TensorDataset(x, y), batch_size=16)
+    streamed = measure(model, loader, subsets=2, **options)
+    dealt = [torch.cat([b[0] for b in p]) for p in split_parts(loader, 2)]
+    labels = [torch.cat([b[1] for b in p]) for p in split_parts(loader, 2)]
+    expected = [
+        hessian_eigenvalues(model, (a, b), k=1, seed=1).eigenvalues[0]
+        for a, b in zip(dealt, labels, strict=True)
+    ]
+    assert streamed["sampling"]["top_eigenvalue"]["values"] == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(SharpscopeError, match="cannot be split into 200"):
+        measure(model, (x, y), subsets=200, **options)
+
+
 def test_correlate_over_checkpoints_prints_and_writes_kendalls_tau(tmp_path, capsys):
     spec = model_spec("mlp", (1, 8, 8), 10, width=8, depth=1)
     paths = []

@@ -46,8 +46,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--draws",
         type=int,
-        help=f"direction draws for the 1-D curves of every checkpoint (default: 1 for two "
-        f"checkpoints, {DEFAULT_DRAWS} for groups)",
+        help=f"direction draws for the 1-D curves and coarse 2-D surfaces of every checkpoint "
+        f"(default: 1 for two checkpoints, {DEFAULT_DRAWS} for groups)",
     )
     add_compare_arguments(p)
     add_checkpoint_arguments(p)
@@ -94,6 +94,14 @@ def add_compare_arguments(
         type=int,
         help=f"Hutchinson probes for the Hessian trace (default: {d.trace_samples}; "
         f"--quick: {QUICK['trace_samples']})",
+    )
+    p.add_argument(
+        "--draw-points-2d",
+        type=int,
+        default=d.draw_points_2d,
+        metavar="N",
+        help=f"points per axis of the 2-D surfaces drawn for the statistics over direction "
+        f"draws; 0 for none (default: {d.draw_points_2d})",
     )
     p.add_argument(
         "--quick", action="store_true", help="coarse grids and few examples: a look in seconds"
@@ -147,6 +155,7 @@ def compare_settings(args: argparse.Namespace) -> CompareSettings:
         batch_size=args.batch_size,
         seed=args.seed,
         measure=not args.no_measure,
+        draw_points_2d=args.draw_points_2d,
     )
 
 

@@ -7,12 +7,11 @@ import dataclasses
 import os
 import time
 
-from ..demo import DEMO_LABEL_NOISE, DEMO_SEEDS, demo
+from ..demo import DEMO_EPOCHS, DEMO_LABEL_NOISE, DEMO_SEEDS, demo
 from .compare import add_compare_arguments, compare_settings, run_options
 
-# The demo's evaluation set: 512 examples keep Li et al.'s 51 x 51 grid and the whole run
-# (two trainings, two measurements, five landscapes) near 70 s on 2 CPU cores (108 s with
-# other jobs running); at 1024 examples one 51 x 51 grid alone took over 2 minutes.
+# The demo's evaluation set: 512 examples keep Li et al.'s 51 x 51 grid of each pictured
+# minimum near 20 s on 2 CPU cores; at 1024 examples one grid alone took over 2 minutes.
 DEMO_SAMPLES = 512
 
 
@@ -22,11 +21,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="train SGD and SAM with the same seed and budget, then compare them",
         description="Train a small CNN on scikit-learn's digits with 20% of its training "
         "labels replaced by other classes (Foret et al. 2021, Table 4), with SGD and with "
-        "SAM over --seeds seeds (same epochs, the trainer's defaults), into DIR/sgd-S and "
+        "SAM over --seeds seeds (same epochs and settings), into DIR/sgd-S and "
         "DIR/sam-S, then run `sharpscope compare` on the two groups into DIR/compare: "
         "every number as mean ± standard error over the seeds with Welch's test of the "
         "difference, the interpolation, and 1-D and 2-D landscapes side by side with one "
-        "color scale. A few minutes on 2 CPU cores; --quick for coarse grids.",
+        "color scale. About 7 minutes on 2 CPU cores (3 of them training); --quick for "
+        "coarse grids.",
     )
     add_compare_arguments(p, out_default=os.path.join("runs", "demo"), samples=DEMO_SAMPLES)
     p.add_argument(
@@ -43,7 +43,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help=f"training labels replaced by other classes (default: {DEMO_LABEL_NOISE:g}, the "
         "mildest noise of Foret et al. 2021, Table 4; 0 for clean labels)",
     )
-    p.add_argument("--epochs", type=int, help="training epochs for both (default: the trainer's)")
+    p.add_argument(
+        "--epochs",
+        type=int,
+        default=DEMO_EPOCHS,
+        help=f"training epochs for both (default: {DEMO_EPOCHS}, long enough for SGD to fit "
+        "the noisy labels)",
+    )
     p.add_argument("--rho", type=float, help="SAM radius (default: the trainer's, 0.05)")
     p.add_argument(
         "--overwrite",

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import os
+import shutil
 import signal
 import sys
 from collections.abc import Iterator
@@ -13,18 +15,19 @@ import numpy as np
 
 from .. import distributed
 from ..devices import resolve_device
-from ..directions import DIRECTIONS
+from ..directions import DIRECTIONS, NORMALIZATIONS
 from ..errors import SharpscopeError
-from ..files import exclusive_lock, remove_stale_temporaries
+from ..files import atomic_write, exclusive_lock, remove_stale_temporaries
 from ..grid import DISTRIBUTE
 from ..landscape import interpolation_for_checkpoints, landscape_for_checkpoint
 from ..settings import (
     DEFAULT_POINTS,
     INTERPOLATION_POINTS,
+    MAX_DRAW,
     InterpolationSettings,
     LandscapeSettings,
 )
-from ..surface import Surface, save_partial
+from ..surface import PartialMismatch, Surface, save_partial, summarize_draws
 from .common import (
     add_checkpoint_arguments,
     add_device_argument,
@@ -110,6 +113,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--save-directions", action="store_true", help="store the vectors d1, d2 in the .npz"
     )
     p.add_argument(
+        "--draws",
+        type=int,
+        default=1,
+        metavar="N",
+        help="random directions: the same landscape along N direction draws (draw k: "
+        "Gaussian draws 2k and 2k+1 of --seed), OUT for draw 0 (the picture) and "
+        "OUT-stem.drawK.npz for the others; prints the mean and maximum loss rise as mean "
+        "± standard error over the draws (default: 1)",
+    )
+    p.add_argument(
         "--resume",
         action="store_true",
         help="continue an interrupted run from OUT.partial.npz",
@@ -131,6 +144,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def draw_paths(out: str, draws: int) -> list[str]:
+    """Where each direction draw's surface goes: ``out`` for draw 0, then
+    ``x.draw1.npz``, ``x.draw2.npz``, ... beside it."""
+    stem = os.path.splitext(out)[0]
+    return [out] + [f"{stem}.draw{k}.npz" for k in range(1, draws)]
+
+
 def partial_path(out: str) -> str:
     """Where an unfinished run keeps its points: ``x.npz`` -> ``x.partial.npz``."""
     return os.path.splitext(out)[0] + ".partial.npz"
@@ -150,11 +170,17 @@ def _range(values: list[str]) -> tuple[float, float] | str:
 
 def _settings(args: argparse.Namespace) -> LandscapeSettings | InterpolationSettings:
     """Every usage error, before any checkpoint is read; the settings the options give."""
-    check_output_path(args.out, overwrite=args.overwrite, inputs=args.checkpoints)
+    # --resume: a finished file is checked against this run and kept (see _reuse).
+    overwrite = args.overwrite or args.resume
+    check_output_path(args.out, overwrite=overwrite, inputs=args.checkpoints)
     if not args.out.endswith(".npz"):
         raise SharpscopeError(f"--out must end in .npz, got {args.out}")
-    # The partial file is an output too: never one of the inputs.
-    check_output_path(partial_path(args.out), inputs=args.checkpoints)
+    if not 1 <= args.draws <= MAX_DRAW:
+        raise SharpscopeError(f"--draws must be in 1..{MAX_DRAW}, got {args.draws}")
+    for out in draw_paths(args.out, args.draws):
+        check_output_path(out, overwrite=overwrite, inputs=args.checkpoints)
+        # The partial file is an output too: never one of the inputs.
+        check_output_path(partial_path(out), inputs=args.checkpoints)
     if len(args.checkpoints) > 2:
         raise SharpscopeError("give one checkpoint (surfaces) or two (interpolation)")
     for path in args.checkpoints:
@@ -177,6 +203,8 @@ def _settings(args: argparse.Namespace) -> LandscapeSettings | InterpolationSett
             raise SharpscopeError("--include-buffers applies to an interpolation (two checkpoints)")
         if points:
             options["points"] = points[0] if len(points) == 1 else tuple(points)
+        if args.draws > 1 and args.directions not in NORMALIZATIONS:
+            raise SharpscopeError("--draws applies to random directions (filter, layer, none)")
         return LandscapeSettings(
             **options,
             dim=args.dim,
@@ -195,6 +223,7 @@ def _settings(args: argparse.Namespace) -> LandscapeSettings | InterpolationSett
             ("--orthogonalize", args.orthogonalize),
             ("--include-1d", args.include_1d),
             ("--save-directions", args.save_directions),
+            ("--draws", args.draws != 1),
             ("two --points", len(points) == 2),
             ("--range auto", args.range == ["auto"]),
         )
@@ -210,10 +239,10 @@ def _settings(args: argparse.Namespace) -> LandscapeSettings | InterpolationSett
     return InterpolationSettings(**options)
 
 
-def _check_partial(args: argparse.Namespace) -> None:
+def _check_partial(out: str, resume: bool) -> None:
     """Under the lock: an unfinished run's file is continued only with --resume."""
-    partial = partial_path(args.out)
-    if os.path.exists(partial) and not args.resume:
+    partial = partial_path(out)
+    if os.path.exists(partial) and not resume:
         raise SharpscopeError(
             f"{partial} holds an unfinished run: add --resume to continue it, "
             "or delete it to start over"
@@ -242,30 +271,44 @@ def _sigterm_interrupts() -> Iterator[None]:
 def run(args: argparse.Namespace) -> int:
     settings = _settings(args)  # every rank: reads only, before the process group exists
     device = distributed.init_from_environment(resolve_device(args.device))
-    with contextlib.ExitStack() as held:
-        if distributed.is_main_process():
-            # One process computes a surface at a time: the partial file is its own.
-            held.enter_context(exclusive_lock(args.out + ".lock", f"landscape {args.out}"))
-            remove_stale_temporaries(args.out)
-            remove_stale_temporaries(partial_path(args.out))
-        distributed.on_main(lambda: _check_partial(args))
-        return _run(args, settings, device)
+    surfaces = []
+    try:
+        for draw, out in enumerate(draw_paths(args.out, args.draws)):
+            if draw:
+                settings = dataclasses.replace(settings, draw=draw)
+            with contextlib.ExitStack() as held:
+                if distributed.is_main_process():
+                    # One process computes a surface at a time: the partial file is its own.
+                    held.enter_context(exclusive_lock(out + ".lock", f"landscape {out}"))
+                    remove_stale_temporaries(out)
+                    remove_stale_temporaries(partial_path(out))
+                distributed.on_main(lambda out=out: _check_partial(out, args.resume))
+                with _reuse(out, args.resume and not args.overwrite):
+                    surfaces.append(_run(args, out, settings, device))
+    finally:
+        if distributed.launched_by_torchrun():
+            # Leave the process group before exit: a gloo group torn down by the
+            # interpreter's exit can abort the process ("terminate called ...").
+            distributed.shutdown()
+    if args.draws > 1 and distributed.is_main_process():
+        print(_draws_summary(summarize_draws(surfaces)))
+    return 0
 
 
-def _run(args: argparse.Namespace, settings, device) -> int:
+def _run(args: argparse.Namespace, out: str, settings, device) -> Surface:
     progress = not args.quiet and sys.stderr.isatty() and distributed.is_main_process()
-    partial = partial_path(args.out)
+    partial = partial_path(out)
     try:
         with _sigterm_interrupts():
             surface = _compute(args, settings, device, progress, partial)
             if distributed.is_main_process():
                 try:
-                    surface.save(args.out)
+                    surface.save(out)
                 except BaseException:  # full disk, SIGTERM: the points are not lost
                     save_partial(surface, np.ones(surface.loss.shape, dtype=bool), partial)
                     raise
         if distributed.is_main_process():
-            print(_summary(args.out, surface))
+            print(_summary(out, surface))
     except KeyboardInterrupt:
         if distributed.is_main_process() and os.path.exists(partial):
             print(
@@ -274,12 +317,40 @@ def _run(args: argparse.Namespace, settings, device) -> int:
                 file=sys.stderr,
             )
         raise
-    finally:
-        if distributed.launched_by_torchrun():
-            # Leave the process group before exit: a gloo group torn down by the
-            # interpreter's exit can abort the process ("terminate called ...").
-            distributed.shutdown()
-    return 0
+    return surface
+
+
+@contextlib.contextmanager
+def _reuse(out: str, resume: bool) -> Iterator[None]:
+    """With --resume, a finished ``out`` (a draw done before an interruption, or a rerun
+    of a finished command) is continued like a partial file: a copy of it is the partial
+    file, so the same check of settings, weights and directions applies and no point is
+    recomputed; a file made by another landscape is refused and left alone."""
+    partial = partial_path(out)
+    copied = resume and distributed.is_main_process() and os.path.isfile(out)
+    if copied and not os.path.exists(partial):
+        atomic_write(partial, lambda tmp: shutil.copyfile(out, tmp))
+    else:
+        copied = False
+    try:
+        yield
+    except PartialMismatch:
+        if copied and os.path.exists(partial):
+            os.remove(partial)
+            raise SharpscopeError(
+                f"{out} exists and holds another landscape: pass --overwrite to replace it, "
+                "or another --out"
+            ) from None
+        raise
+
+
+def _draws_summary(result: dict) -> str:
+    """One line: the mean and maximum rise over the draws, mean ± standard error."""
+    parts = [
+        f"{label} {result[name]['mean']:.4g} ± {result[name]['stderr']:.2g}"
+        for name, label in (("mean_rise", "mean loss rise"), ("max_rise", "max loss rise"))
+    ]
+    return f"over {result['draws']} direction draws (mean ± s.e.): " + ", ".join(parts)
 
 
 def _compute(args: argparse.Namespace, settings, device, progress: bool, partial: str) -> Surface:
