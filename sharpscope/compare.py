@@ -178,7 +178,7 @@ def _statistics(groups, measured, curves, run: dict[str, Any], say, seconds) -> 
             if doc is not None:
                 documents[side].append(doc)
             row = document_numbers(doc) if doc is not None else {}
-            row.update(_training_numbers(path, run.get("training")))
+            row.update(_training_numbers(path, run.get("training"), row.get("test accuracy")))
             # The picture's curve is draw 0 of the first checkpoint.
             drawn = _draws(path, run, say, dim=1, first=curves[side] if index == 0 else None)
             summaries = {"1-D": summarize_draws(drawn)}
@@ -229,14 +229,19 @@ def _draws(path: str, run: dict[str, Any], say, dim: int, first: Surface | None 
     return surfaces
 
 
-def _training_numbers(path: str, training: dict[str, Any] | None) -> dict[str, float]:
+def _training_numbers(
+    path: str, training: dict[str, Any] | None, measured: float | None = None
+) -> dict[str, float]:
     """The final test accuracy a run's training reports (on its whole test set), for the
     checkpoint at ``path`` (the "checkpoint" entry of a :func:`~sharpscope.demo.demo`
-    training record)."""
+    training record); nothing if it is the ``measured`` test accuracy (the measurement
+    covered the whole test set: one number, not two rows and two tests)."""
     for record in (training or {}).values():
         if record.get("checkpoint") and _same_file(record["checkpoint"], path):
             accuracy = record.get("metrics", {}).get("test_accuracy")
-            return {} if accuracy is None else {"final test accuracy (whole test set)": accuracy}
+            if accuracy is None or accuracy == measured:
+                return {}
+            return {"final test accuracy (whole test set)": accuracy}
     return {}
 
 

@@ -273,6 +273,18 @@ def test_demo_end_to_end(tmp_path):
     assert "## Statistics over seeds" in (out / "compare" / "report.md").read_text()
 
 
+def test_final_test_accuracy_is_a_row_only_where_it_adds_a_number(tmp_path):
+    """The training's accuracy on the whole test set joins the statistics unless the
+    measurement already covered the whole test set (the same number: one row, one test)."""
+    path = tmp_path / "checkpoint.pt"
+    path.write_bytes(b"x")
+    training = {"sgd-0": {"checkpoint": str(path), "metrics": {"test_accuracy": 0.9}}}
+    row = {"final test accuracy (whole test set)": 0.9}
+    assert compare._training_numbers(str(path), training, measured=0.8) == row
+    assert compare._training_numbers(str(path), training, measured=0.9) == {}
+    assert compare._training_numbers(str(tmp_path / "other.pt"), training, 0.8) == {}
+
+
 def test_demo_refuses_to_train_over_an_earlier_demo(tmp_path, capsys):
     (tmp_path / "demo" / "sam-1").mkdir(parents=True)
     (tmp_path / "demo" / "sam-1" / "checkpoint.pt").write_bytes(b"earlier run")
