@@ -185,7 +185,7 @@ def _multiple_tests(table: dict[str, dict[str, Any]]) -> list[str]:
         f"The table holds {m} tests, {below} with p < 0.05; by chance alone about "
         f"{0.05 * m:.2g} would be, and many rows measure related things. Holding the chance "
         f"of any false finding to 5% (Bonferroni, Holm's first step) needs p < "
-        f"{0.05 / m:.3g}; {sum(p < 0.05 / m for p in tested)} of the {m} reach it.",
+        f"{0.05 / m:.3g} (reached by {sum(p < 0.05 / m for p in tested)} of the {m}).",
         "",
     ]
 

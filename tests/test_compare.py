@@ -356,7 +356,7 @@ def test_report_says_how_many_tests_its_table_holds():
     rows["untested"] = {"difference": None}
     (line, blank) = report._multiple_tests(rows)
     assert line.startswith("The table holds 4 tests, 2 with p < 0.05; by chance alone about 0.2")
-    assert "needs p < 0.0125; 1 of the 4 reach it." in line and blank == ""
+    assert "needs p < 0.0125 (reached by 1 of the 4)." in line and blank == ""
     assert report._multiple_tests({"q": {"difference": {"p": 0.01}}}) == []
 
 
