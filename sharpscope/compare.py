@@ -49,7 +49,7 @@ from .report import (
     write_report,
 )
 from .settings import CompareSettings, Loading, settings_from, split_keywords
-from .surface import Surface, landscape_summary, summarize_draws
+from .surface import DRAW_SUMMARIES, Surface, landscape_summary, summarize_draws
 
 # Every file compare writes into its folder.
 OUTPUTS = (
@@ -186,7 +186,7 @@ def _statistics(groups, measured, curves, run: dict[str, Any], say, seconds) -> 
             if s.draw_points_2d:
                 summaries["2-D"] = summarize_draws(_draws(path, run, say, dim=2))
             for dim, summary in summaries.items():
-                for name, label in (("mean_rise", "mean rise"), ("max_rise", "max rise")):
+                for name, label in DRAW_SUMMARIES.items():
                     row[f"{dim} {label} ({_draws_text(s.draws)})"] = summary[name]["mean"]
             over_draws[side].append({"checkpoint": path, **summaries})
             numbers[side].append(row)
@@ -251,19 +251,29 @@ def _seed_figure_settings(s: CompareSettings) -> dict[str, Any]:
     return {"rhos": s.rhos, "eigs": s.eigs, "density": s.density}
 
 
+def _shared(run: dict[str, Any]) -> dict[str, Any]:
+    """What every analysis of a comparison shares: the same examples (``split``,
+    ``samples`` drawn with ``seed``, in batches of ``batch_size``; ``seed`` also draws
+    the directions), the device, the progress bars and how checkpoints are rebuilt."""
+    s: CompareSettings = run["settings"]
+    return {
+        "split": s.split,
+        "samples": s.samples,
+        "batch_size": s.batch_size,
+        "seed": s.seed,
+        "device": run["device"],
+        "progress": run["progress"],
+        **run["loading"].keywords(),
+    }
+
+
 def _measure_one(path: str, run: dict[str, Any]) -> dict[str, Any]:
     s: CompareSettings = run["settings"]
     return measure_checkpoint(
         path,
-        split=s.split,
-        samples=s.samples,
-        batch_size=s.batch_size,
         trace_samples=s.trace_samples,
-        seed=s.seed,
         **(_seed_figure_settings(s) if run["grouped"] else {}),
-        device=run["device"],
-        progress=run["progress"],
-        **run["loading"].keywords(),
+        **_shared(run),
     )
 
 
@@ -273,17 +283,7 @@ def _landscape(path: str, run: dict[str, Any], **surface: Any) -> Surface:
     the same raw directions of ``seed`` (and the same examples)."""
     s: CompareSettings = run["settings"]
     return landscape_for_checkpoint(
-        path,
-        range=s.range,
-        directions=s.directions,
-        seed=s.seed,
-        split=s.split,
-        samples=s.samples,
-        batch_size=s.batch_size,
-        device=run["device"],
-        progress=run["progress"],
-        **surface,
-        **run["loading"].keywords(),
+        path, range=s.range, directions=s.directions, **surface, **_shared(run)
     )
 
 
@@ -296,14 +296,8 @@ def _interpolation(path_a: str, path_b: str, labels, run: dict[str, Any]) -> Sur
         path_b,
         points=s.points,
         range=s.interpolation_range,
-        split=s.split,
-        samples=s.samples,
-        batch_size=s.batch_size,
-        seed=s.seed,
         labels=labels,
-        device=run["device"],
-        progress=run["progress"],
-        **run["loading"].keywords(),
+        **_shared(run),
     )
     named = interp.settings["labels"]
     if named[0] == named[1]:

@@ -194,6 +194,21 @@ def exclusive_lock(lock_path: str, what: str) -> Iterator[None]:
         os.close(fd)
 
 
+def open_npz(path: str, what: str) -> Any:
+    """``numpy.load`` of ``path`` as an .npz of named arrays, pickles refused; anything
+    else (not a zip of .npy arrays, one bare .npy array) is refused in one line saying
+    that ``path`` is not ``what``. Use the result in a ``with`` block."""
+    import numpy as np
+
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except Exception:
+        raise SharpscopeError(f"{path}: not {what} (not a .npz, a zip of .npy arrays)") from None
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+        raise SharpscopeError(f"{path}: not {what} (a single .npy array, not a .npz)")
+    return loaded
+
+
 def npz_headers(f: Any) -> Iterator[tuple[str, tuple[int, ...], Any]]:
     """(member name, shape, dtype) of every member of an open ``numpy.load`` .npz file,
     read from the .npy headers without reading the arrays. Every member counts: numpy

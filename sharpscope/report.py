@@ -16,7 +16,7 @@ from .files import write_text
 from .groups import format_statistics, mean_se
 from .measure import format_table
 from .plots import plot_1d, plot_2d, shared_color_scale
-from .surface import Surface
+from .surface import DRAW_SUMMARIES, Surface
 
 FIGURE_FORMATS = ("pdf", "png")  # vector for the paper, PNG for report.md
 FIGURES = ("interpolation", "1d", "2d_contour", "2d_surface3d")
@@ -196,7 +196,7 @@ def _draws_table(doc: dict[str, Any], labels: tuple[str, str]) -> list[str]:
     if doc["settings"]["draws"] < 2:
         return []
     dims = [d for d in ("1-D", "2-D") if d in doc["landscape_draws"]["a"][0]]
-    head = " | ".join(f"{d} {what}" for d in dims for what in ("mean rise", "max rise"))
+    head = " | ".join(f"{d} {what}" for d in dims for what in DRAW_SUMMARIES.values())
     lines = [
         f"Over the {doc['settings']['draws']} direction draws of each checkpoint "
         "(mean ± standard error over the draws):",
@@ -206,11 +206,7 @@ def _draws_table(doc: dict[str, Any], labels: tuple[str, str]) -> list[str]:
     ]
     for side, label in zip(("a", "b"), labels, strict=True):
         for entry in doc["landscape_draws"][side]:
-            cells = [
-                mean_se(entry[d][name], with_n=False)
-                for d in dims
-                for name in ("mean_rise", "max_rise")
-            ]
+            cells = [mean_se(entry[d][name], with_n=False) for d in dims for name in DRAW_SUMMARIES]
             lines.append(f"| {label}: `{entry['checkpoint']}` | " + " | ".join(cells) + " |")
     return [*lines, ""]
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from .errors import SharpscopeError, first_line
-from .files import atomic_write, npz_headers
+from .files import atomic_write, npz_headers, open_npz
 from .stats import summary
 
 KINDS = ("1d", "2d", "interpolation")
@@ -150,8 +150,9 @@ def _trapezoid_weights(coords: Any) -> np.ndarray:
     return np.concatenate([[gaps[0]], gaps[:-1] + gaps[1:], [gaps[-1]]]) / 2
 
 
-# The numbers of a landscape that vary with its directions, summarized over draws.
-DRAW_SUMMARIES = ("mean_rise", "max_rise")
+# The numbers of a landscape that vary with its directions, summarized over draws, and
+# their names in tables.
+DRAW_SUMMARIES = {"mean_rise": "mean rise", "max_rise": "max rise"}
 
 
 def summarize_draws(surfaces: Sequence[Surface]) -> dict[str, Any]:
@@ -196,12 +197,7 @@ def load_surface(path: str | os.PathLike) -> Surface:
         raise SharpscopeError(f"{path}: a folder, not a landscape file")
     if not os.path.isfile(path):
         raise SharpscopeError(f"{path}: no such file")
-    try:
-        loaded = np.load(path, allow_pickle=False)
-    except Exception:
-        raise SharpscopeError(f"{path}: not a sharpscope landscape file (not an .npz)") from None
-    if not isinstance(loaded, np.lib.npyio.NpzFile):
-        raise SharpscopeError(f"{path}: not a sharpscope landscape file (a .npy array)")
+    loaded = open_npz(path, "a sharpscope landscape file")
     try:
         with loaded as f:
             size = _npz_bytes(f)

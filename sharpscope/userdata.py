@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from .errors import SharpscopeError, first_line
-from .files import npz_headers
+from .files import npz_headers, open_npz
 from .usercode import call, describe, parse_factory, resolve_factory
 
 SOURCES = ("npz", "pt", "folder", "factory")
@@ -164,12 +164,7 @@ def _too_large(name: str, size: int) -> SharpscopeError:
 
 
 def _read_npz(path: str) -> dict[str, Any]:
-    try:
-        loaded = np.load(path, allow_pickle=False)
-    except Exception:
-        raise SharpscopeError(f"{path}: not a .npz file (a zip of .npy arrays)") from None
-    if not isinstance(loaded, np.lib.npyio.NpzFile):
-        raise SharpscopeError(f"{path}: a single .npy array, not a .npz of named arrays")
+    loaded = open_npz(path, "a data file of named arrays")
     try:
         with loaded as f:
             total = 0
